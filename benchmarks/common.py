@@ -1,0 +1,82 @@
+"""Shared by the benchmark scripts: run `slimkit compress` per configuration in a fresh process,
+collect its report, and rewrite one marked section of docs/results.md."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "benchmarks" / "runs"
+RESULTS = ROOT / "docs" / "results.md"
+SLIMKIT = [sys.executable, "-m", "slimkit"]
+
+
+def compress_run(recipe: str, tag: str | None = None, extra: list[str] = (), fresh: bool = False,
+                 keep_model: bool = False) -> dict:
+    """Run one compression (unless its report exists) and return the report with the command."""
+    tag = tag or recipe.replace("/", "_")
+    out = RUNS / tag
+    report_path = RUNS / f"{tag}.report.json"
+    args = ["compress", "default", "--recipe", recipe, "--out", str(out.relative_to(ROOT)),
+            "--nsamples", "128", "--seqlen", "512", "--seed", "0", "--eval-tokens", "16384",
+            "--reference-cache", str((RUNS / "refcache").relative_to(ROOT)), "-q", *extra]
+    command = "slimkit " + shlex.join(args)
+    if report_path.is_file() and not fresh:
+        return json.loads(report_path.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {command}", flush=True)
+    subprocess.run(SLIMKIT + args, cwd=ROOT, check=True)
+    report = json.loads((out / "report.json").read_text())
+    report["command"] = command
+    report_path.write_text(json.dumps(report, indent=1))
+    if not keep_model:
+        for f in out.glob("*.safetensors"):
+            f.unlink()
+    return report
+
+
+def row(label: str, r: dict) -> dict:
+    ev, comp = r["eval"], r["compression"]
+    return {"label": label, "ppl": ev["ppl"], "kl": ev["kl"], "bpw": comp["bits_per_weight"],
+            "time": comp["timings"]["total"], "rss": r["peak_rss_compress_mb"], "dense_ppl": ev["ref_ppl"],
+            "command": r["command"], "timings": comp["timings"]}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | ppl | KL (nats/token) | bits/weight | compress time (s) | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        kl = "0" if r["kl"] == 0 else f"{r['kl']:.4f}"
+        t = "—" if r["time"] is None else f"{r['time']:.0f}"
+        rss = "—" if r["rss"] is None else f"{r['rss']:.0f}"
+        lines.append(f"| {r['label']} | {r['ppl']:.2f} | {kl} | {r['bpw']:.3f} | {t} | {rss} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, fp32, {time.strftime('%Y-%m-%d')}")
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace the text between <!-- BEGIN name --> and <!-- END name --> in docs/results.md."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    text = RESULTS.read_text() if RESULTS.is_file() else "# slimkit results\n"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    if begin in text:
+        pre, rest = text.split(begin, 1)
+        text = pre + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(text)

@@ -1,0 +1,129 @@
+"""Thin orchestration: load, compress, save, evaluate."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .calib import compress_model
+from .calib.engine import check_recipe_fits
+from .data import calibration_ids, evaluation_ids
+from .errors import SlimkitError
+from .eval import evaluate
+from .eval.perplexity import ReferenceCache, windows_key
+from .eval.report import write_report
+from .models import layout_for, load_model
+from .models.loading import resolve
+from .recipe import Recipe, load_recipe
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def check_output_dir(out: str | Path, model_spec: str | None = None) -> Path:
+    """Refuse an existing non-empty output folder, or one inside the input model's folder."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SlimkitError(f"output {str(out)!r} already exists and is not empty")
+    if model_spec is not None:
+        src = Path(model_spec).expanduser()
+        if src.exists():
+            src = src.resolve()
+            src_dir = src if src.is_dir() else src.parent
+            if out == src_dir or src_dir in out.parents:
+                raise SlimkitError(f"output {str(out)!r} is inside the input model's folder {str(src_dir)!r}")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """Yield a temporary folder beside ``out``; rename it to ``out`` only if the body succeeds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty, checked before
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = "shakespeare",
+             nsamples: int = 128, seqlen: int = 512, seed: int = 0, eval_data: str | None = "shakespeare:eval",
+             eval_tokens: int = 16384, batch_size: int = 8, progress: bool = True,
+             reference_cache: str | None = None, command: str | None = None) -> dict:
+    """Compress ``model`` with ``recipe`` into the Hugging Face folder ``out`` (fake-quantized
+    weights that AutoModelForCausalLM loads) with report.json / report.md; returns the report."""
+    t0 = time.perf_counter()
+    out_path = check_output_dir(out, model)
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    resolve(model)  # fails fast on a missing path
+    torch.manual_seed(seed)
+    m, tok, location = load_model(model)
+    layout = layout_for(m)
+    n_targets = check_recipe_fits(m, layout, rec)
+    if n_targets == 0:
+        raise SlimkitError(f"recipe {rec.name!r} ignores every Linear of the model")
+    ids = calibration_ids(calib, tok, nsamples, seqlen, seed)
+    windows = evaluation_ids(eval_data, tok, seqlen, eval_tokens) if eval_data else None
+    t_load = time.perf_counter() - t0
+
+    result = compress_model(m, layout, rec, ids, batch_size=batch_size, progress=progress)
+    rss_compress = peak_rss_mb()
+    report = {
+        "slimkit_version": __version__, "model": model, "model_location": location,
+        "model_type": layout.model_type, "recipe": rec.to_dict(),
+        "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+        "compression": result.to_dict(), "load_seconds": t_load,
+        "compressed_params": sum(l.numel for l in result.layers),
+        "peak_rss_compress_mb": rss_compress, "command": command,
+    }
+    with atomic_dir(out_path) as tmp:
+        t = time.perf_counter()
+        m.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "slimkit.json").write_text(json.dumps(
+            {"format": "slimkit-fakequant", "version": 1, "recipe": rec.to_dict(), "source_model": model}, indent=1))
+        report["save_seconds"] = time.perf_counter() - t
+        if windows is not None:
+            report["eval"] = evaluate_against_dense(m, model, windows, progress=progress,
+                                                    reference_cache=reference_cache) | {"source": eval_data}
+        report["peak_rss_total_mb"] = peak_rss_mb()
+        write_report(report, tmp)
+    return report
+
+
+def evaluate_against_dense(model, dense_spec: str, windows: torch.Tensor, *, progress: bool = True,
+                           reference_cache: str | None = None) -> dict:
+    """Perplexity of ``model`` and KL to the dense model ``dense_spec`` on ``windows``."""
+    cache = ReferenceCache(reference_cache, windows_key(windows, resolve(dense_spec)[1])) if reference_cache else None
+    dense = None
+    if cache is None or not cache.ready():
+        dense, _, _ = load_model(dense_spec, with_tokenizer=False)
+    t = time.perf_counter()
+    res = evaluate(model, windows, dense, cache=cache, progress=progress, desc="eval (compressed vs dense)")
+    return res.to_dict() | {"seconds": time.perf_counter() - t}
+
+
+def evaluate_model(model: str, data: str = "shakespeare:eval", *, reference: str | None = None,
+                   seqlen: int = 512, max_tokens: int | None = 16384, progress: bool = True) -> dict:
+    m, tok, _ = load_model(model)
+    windows = evaluation_ids(data, tok, seqlen, max_tokens)
+    ref = load_model(reference, with_tokenizer=False)[0] if reference else None
+    res = evaluate(m, windows, ref, progress=progress)
+    return res.to_dict() | {"source": data, "model": model, "reference": reference}

@@ -1,0 +1,183 @@
+"""The layer-wise one-shot engine.
+
+Capture the inputs of the first decoder block, then for each block: one forward
+of the calibration data with hooks collects every statistic the recipe needs
+(activation norms; the Hessian only when asked), the stages run on every Linear
+and write back, and one more forward with the compressed weights produces the
+next block's inputs (so later blocks see the errors of earlier ones). Only one
+block's working set and the calibration activations are in memory at a time.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import NumericalError
+from ..methods.base import ACT_NORM, HESSIAN, LinearState
+from ..models.layout import ModelLayout
+from ..recipe import Recipe
+from .hooks import ErrorProbe, StatsCollector, capture_block_inputs, run_block
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    rel_error: float  # ||(W - W_hat) x|| / ||W x|| on calibration inputs of the compressed model
+    bits: dict[str, int]  # stored bits by part
+    density: float  # fraction of weights kept
+    grid: str  # e.g. "W4 g64 asym" or "fp16"
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass
+class BlockReport:
+    index: int
+    rel_error: float  # block output error vs the dense block on the same inputs
+    seconds: float
+
+
+@dataclass
+class CompressionResult:
+    layers: list[LayerReport]
+    blocks: list[BlockReport]
+    timings: dict[str, float]
+    calib_sequences: int
+    calib_seqlen: int
+
+    def bits_per_weight(self) -> float:
+        total = sum(sum(l.bits.values()) for l in self.layers)
+        return total / max(1, sum(l.numel for l in self.layers))
+
+    def bits_by_part(self) -> dict[str, float]:
+        n = max(1, sum(l.numel for l in self.layers))
+        parts: dict[str, float] = defaultdict(float)
+        for l in self.layers:
+            for k, v in l.bits.items():
+                parts[k] += v / n
+        return dict(parts)
+
+    def to_dict(self) -> dict:
+        return {"layers": [asdict(l) for l in self.layers], "blocks": [asdict(b) for b in self.blocks],
+                "timings": self.timings, "calib_sequences": self.calib_sequences,
+                "calib_seqlen": self.calib_seqlen, "bits_per_weight": self.bits_per_weight(),
+                "bits_by_part": self.bits_by_part()}
+
+
+def target_linears(model: nn.Module, layout: ModelLayout, recipe: Recipe, index: int) -> dict[str, nn.Linear]:
+    return {n: m for n, m in layout.linears(model, index).items() if not recipe.ignores(n)}
+
+
+def check_recipe_fits(model: nn.Module, layout: ModelLayout, recipe: Recipe) -> int:
+    """Fail before any work if a stage cannot handle some layer. Returns the number of targets."""
+    count = 0
+    for i in range(len(layout.blocks(model))):
+        for name, lin in target_linears(model, layout, recipe, i).items():
+            for stage in recipe.stages:
+                stage.check_layer(name, lin.out_features, lin.in_features)
+            count += 1
+    return count
+
+
+def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_ids: torch.Tensor, *,
+                   batch_size: int = 8, probe_sequences: int = 8, progress: bool = True,
+                   on_layer=None) -> CompressionResult:
+    """Compress ``model`` in place. ``calib_ids`` (N, S) token windows; data-free recipes use only
+    the first ``probe_sequences`` of them, to measure errors. ``on_layer(state)`` sees every
+    finished LinearState (e.g. to persist grids and masks) before it is dropped."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = defaultdict(float)
+    needs = recipe.needs
+    data_free = not needs
+    if data_free:
+        calib_ids = calib_ids[:probe_sequences]
+    probe_batches = max(1, -(-min(probe_sequences, calib_ids.shape[0]) // batch_size))
+    check_recipe_fits(model, layout, recipe)
+
+    blocks = layout.blocks(model)
+    t = time.perf_counter()
+    inputs, kwargs_list = capture_block_inputs(model, blocks[0], calib_ids, batch_size)
+    timings["capture"] += time.perf_counter() - t
+    if not torch.isfinite(inputs).all():
+        raise NumericalError("the embeddings of the calibration data contain NaN/Inf")
+    dense_out = torch.empty_like(inputs)
+    next_in = torch.empty_like(inputs)
+
+    layers: list[LayerReport] = []
+    block_reports: list[BlockReport] = []
+    bar = tqdm(range(len(blocks)), desc=f"compress [{recipe.name}]", unit="block", disable=not progress)
+    for i in bar:
+        tb = time.perf_counter()
+        block = blocks[i]
+        linears = target_linears(model, layout, recipe, i)
+
+        # 1. one forward with the original weights: statistics + dense outputs
+        t = time.perf_counter()
+        collector = StatsCollector(linears, want_hessian=HESSIAN in needs)
+        if data_free:
+            run_block(block, inputs, kwargs_list, batch_size, out=dense_out)
+            stats = {}
+        else:
+            with collector.attach():
+                run_block(block, inputs, kwargs_list, batch_size, out=dense_out, on_batch=collector.new_batch)
+            stats = collector.finalize()
+        timings["stats_forward"] += time.perf_counter() - t
+
+        # 2. the stages on every Linear, written back
+        originals: dict[str, torch.Tensor] = {}
+        states: dict[str, LinearState] = {}
+        for name, lin in linears.items():
+            state = LinearState.from_weight(name, lin.weight)
+            for stage in recipe.stages:
+                state = stage.run(state, stats.get(name))
+            for sname, sec in state.notes.get("seconds", {}).items():
+                timings[f"stage:{sname}"] += sec
+            if not torch.isfinite(state.weight).all():
+                raise NumericalError(f"block {i}: {name} became NaN/Inf after compression")
+            originals[name] = state.original
+            lin.weight.data.copy_(state.weight.to(lin.weight.dtype))
+            states[name] = state
+        del stats
+
+        # 3. one forward with the compressed weights: the next block's inputs, and errors
+        t = time.perf_counter()
+        probe = ErrorProbe(linears, originals, probe_batches)
+        with probe.attach():
+            run_block(block, inputs, kwargs_list, batch_size, out=next_in, on_batch=probe.new_batch)
+        timings["next_forward"] += time.perf_counter() - t
+        if not torch.isfinite(next_in).all():
+            raise NumericalError(f"block {i} produces NaN/Inf outputs after compression")
+        rel = probe.relative()
+        for name, state in states.items():
+            out_f, in_f = state.weight.shape
+            layers.append(LayerReport(
+                name=name, shape=(out_f, in_f), rel_error=rel[name], bits=state.bits(),
+                density=float(state.mask.float().mean()) if state.mask is not None else 1.0,
+                grid=state.quant.describe() if state.quant else "fp16",
+                seconds=dict(state.notes.get("seconds", {})),
+                notes={k: v for k, v in state.notes.items() if k != "seconds"}))
+            if on_layer is not None:
+                on_layer(state)
+        del states, originals
+
+        err = ((next_in - dense_out).double().norm() / dense_out.double().norm().clamp_min(1e-30)).item()
+        block_reports.append(BlockReport(i, err, time.perf_counter() - tb))
+        bar.set_postfix(out_err=f"{err:.4f}")
+        log.debug("block %d: output rel. error %.5f", i, err)
+        inputs, next_in = next_in, inputs
+    timings["total"] = time.perf_counter() - t_start
+    timings["stages"] = sum(v for k, v in timings.items() if k.startswith("stage:"))
+    return CompressionResult(layers, block_reports, dict(timings), int(calib_ids.shape[0]), int(calib_ids.shape[1]))

@@ -1,0 +1,139 @@
+"""Forward hooks as context managers: capture block inputs, collect statistics, probe errors."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..methods.base import LinearStats
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end a forward pass once block 0's inputs are caught."""
+
+
+@contextlib.contextmanager
+def hooks(handles):
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, ids: torch.Tensor, batch_size: int):
+    """Run the model on ``ids`` (N, S) only up to ``block``; return its hidden-state inputs
+    (N, S, H) and the keyword arguments the model passed it, one dict per batch."""
+    hidden: list[torch.Tensor] = []
+    kwargs_list: list[dict] = []
+
+    def pre_hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        h = args[0] if args else kwargs.pop("hidden_states")
+        hidden.append(h.detach())
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+        kwargs["use_cache"] = False
+        kwargs_list.append(kwargs)
+        raise _StopForward
+
+    with hooks([block.register_forward_pre_hook(pre_hook, with_kwargs=True)]), torch.no_grad():
+        for s in range(0, ids.shape[0], batch_size):
+            try:
+                model(input_ids=ids[s:s + batch_size], use_cache=False)
+            except _StopForward:
+                pass
+    return torch.cat(hidden), kwargs_list
+
+
+def run_block(block: nn.Module, inputs: torch.Tensor, kwargs_list: list[dict], batch_size: int,
+              out: torch.Tensor | None = None, on_batch=None) -> torch.Tensor:
+    """Block outputs (N, S, H) for inputs (N, S, H), batch by batch."""
+    out = torch.empty_like(inputs) if out is None else out
+    with torch.no_grad():
+        for b, kw in enumerate(kwargs_list):
+            sl = slice(b * batch_size, (b + 1) * batch_size)
+            if on_batch is not None:
+                on_batch(b)
+            y = block(inputs[sl], **kw)
+            out[sl] = y[0] if isinstance(y, (tuple, list)) else y
+    return out
+
+
+class StatsCollector:
+    """Accumulates per-Linear input statistics during one forward of a block.
+
+    Linears fed the very same tensor object (q/k/v, gate/up) share one LinearStats:
+    the grouping is read off the first batch, and only the first Linear of a group
+    accumulates, so each statistic is computed once. The tensors seen in a batch are
+    held until the next batch so that a freed buffer reused at the same address can
+    never be mistaken for a shared input.
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear], want_hessian: bool):
+        self.linears = linears
+        self.want_hessian = want_hessian
+        self.stats: dict[str, LinearStats] = {}
+        self.leader: dict[str, bool] = {}
+        self._seen: dict[int, tuple[torch.Tensor, LinearStats]] = {}
+
+    def new_batch(self, b: int) -> None:
+        self._seen = {}
+
+    def _hook(self, name: str):
+        def fn(module, args, output):
+            x = args[0]
+            if name not in self.stats:
+                entry = self._seen.get(id(x))
+                if entry is None or entry[0] is not x:
+                    entry = (x, LinearStats(module.in_features, self.want_hessian))
+                    self._seen[id(x)] = entry
+                    self.leader[name] = True
+                else:
+                    self.leader[name] = False
+                self.stats[name] = entry[1]
+            if self.leader[name]:
+                self.stats[name].add(x.detach())
+        return fn
+
+    def attach(self):
+        return hooks([m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()])
+
+    def finalize(self) -> dict[str, LinearStats]:
+        missing = [n for n in self.linears if n not in self.stats]
+        if missing:
+            raise RuntimeError(f"no calibration input reached {missing[0]}")
+        for n, s in self.stats.items():
+            s.finalize(n)
+        return self.stats
+
+
+class ErrorProbe:
+    """Relative output error of each compressed Linear against its original weight, on the
+    inputs it actually sees in the compressed model (the first ``max_batches`` batches)."""
+
+    def __init__(self, linears: dict[str, nn.Linear], originals: dict[str, torch.Tensor], max_batches: int):
+        self.linears, self.originals, self.max_batches = linears, originals, max_batches
+        self.err = {n: 0.0 for n in linears}
+        self.ref = {n: 0.0 for n in linears}
+        self.batch = 0
+
+    def new_batch(self, b: int) -> None:
+        self.batch = b
+
+    def _hook(self, name: str):
+        def fn(module, args, output):
+            if self.batch >= self.max_batches:
+                return
+            y = F.linear(args[0], self.originals[name], module.bias)
+            self.err[name] += (output - y).square().sum().item()
+            self.ref[name] += y.square().sum().item()
+        return fn
+
+    def attach(self):
+        return hooks([m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()])
+
+    def relative(self) -> dict[str, float]:
+        return {n: (self.err[n] / self.ref[n]) ** 0.5 if self.ref[n] > 0 else 0.0 for n in self.linears}

@@ -1,0 +1,128 @@
+"""Command line: slimkit compress | eval | recipes."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+
+from .errors import SlimkitError
+
+log = logging.getLogger("slimkit")
+
+
+def _positive(kind):
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {s}")
+        return v
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p = argparse.ArgumentParser(prog="slimkit", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compress", help="compress a model with a recipe", parents=[common])
+    c.add_argument("model", help="'default' (embedded SmolLM2-135M-Instruct), a HF folder, a .gguf file or a hub id")
+    c.add_argument("--recipe", required=True, help="a built-in recipe name (see `slimkit recipes`) or a YAML file")
+    c.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    c.add_argument("--calib", default="shakespeare", help="calibration text source (default: shakespeare)")
+    c.add_argument("--nsamples", type=_positive(int), default=128, help="calibration sequences (default 128)")
+    c.add_argument("--seqlen", type=_positive(int), default=512, help="tokens per sequence (default 512)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--eval", dest="eval_data", default="shakespeare:eval",
+                   help="held-out text for perplexity/KL after compression (default shakespeare:eval)")
+    c.add_argument("--no-eval", action="store_true", help="skip the evaluation")
+    c.add_argument("--eval-tokens", type=_positive(int), default=16384, help="evaluation tokens (default 16384)")
+    c.add_argument("--batch-size", type=_positive(int), default=8)
+    c.add_argument("--reference-cache", default=None,
+                   help="folder to cache the dense model's eval log-probs in (speeds up repeated runs)")
+
+    e = sub.add_parser("eval", help="perplexity (and KL to a reference) of a model", parents=[common])
+    e.add_argument("model")
+    e.add_argument("--data", default="shakespeare:eval", help="evaluation text source (default shakespeare:eval)")
+    e.add_argument("--reference", default=None, help="dense model to measure KL against")
+    e.add_argument("--seqlen", type=_positive(int), default=512)
+    e.add_argument("--max-tokens", type=_positive(int), default=16384)
+
+    sub.add_parser("recipes", help="list the built-in recipes", parents=[common])
+    return p
+
+
+def _table(rows):
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+
+
+def run(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="slimkit: %(message)s")
+    try:
+        import transformers
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - transformers is a dependency
+        pass
+    progress = not args.quiet
+
+    if args.cmd == "recipes":
+        from .recipe import builtin_recipes, load_recipe
+        rows = [(name, load_recipe(name).description) for name in builtin_recipes()]
+        print(_table(rows))
+        return 0
+
+    if args.cmd == "compress":
+        from .api import compress
+        from .eval.report import summary_rows
+        report = compress(args.model, args.recipe, args.out, calib=args.calib, nsamples=args.nsamples,
+                          seqlen=args.seqlen, seed=args.seed,
+                          eval_data=None if args.no_eval else args.eval_data, eval_tokens=args.eval_tokens,
+                          batch_size=args.batch_size, progress=progress, reference_cache=args.reference_cache,
+                          command="slimkit " + shlex.join(sys.argv[1:] if argv is None else argv))
+        print(_table(summary_rows(report)))
+        print(f"\nwrote {args.out} (report.md, report.json)")
+        return 0
+
+    if args.cmd == "eval":
+        from .api import evaluate_model
+        r = evaluate_model(args.model, args.data, reference=args.reference, seqlen=args.seqlen,
+                           max_tokens=args.max_tokens, progress=progress)
+        rows = [("model", r["model"]), ("data", f"{r['source']}: {r['windows']} x {r['seqlen']} tokens"),
+                ("perplexity", f"{r['ppl']:.3f}")]
+        if r.get("kl") is not None:
+            rows += [("reference perplexity", f"{r['ref_ppl']:.3f}"), ("KL(reference || model)", f"{r['kl']:.4f}")]
+        print(_table(rows))
+        return 0
+    return 2
+
+
+def main(argv=None) -> None:
+    try:
+        code = run(argv)
+    except SlimkitError as e:
+        print(f"slimkit: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("slimkit: interrupted", file=sys.stderr)
+        code = 130
+    except Exception as e:  # never a traceback for the user, unless asked
+        if os.environ.get("SLIMKIT_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"slimkit: internal error: {type(e).__name__}: {first} (SLIMKIT_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

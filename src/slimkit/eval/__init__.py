@@ -1,0 +1,3 @@
+from .perplexity import EvalResult, evaluate
+
+__all__ = ["EvalResult", "evaluate"]

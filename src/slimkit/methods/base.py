@@ -1,0 +1,183 @@
+"""Stages: one step of a per-Linear compression pipeline, configured by a small dataclass.
+
+A stage sees one Linear's state (original weight, current weight, mask, grid,
+adapters) and the calibration statistics it asked for, and returns the new
+state. Stages compose left to right (prune -> quantize -> low-rank compensation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import NumericalError, RecipeError
+from ..ops.bits import weight_bits
+from ..ops.masks import Sparsity
+from ..ops.obs import InverseHessian, inverse_hessian
+from ..ops.quant import QuantSpec
+
+ACT_NORM = "act_norm"
+HESSIAN = "hessian"
+
+
+class LinearStats:
+    """Calibration statistics of one Linear's input, shared by Linears fed the same tensor.
+
+    act_norm: a_j = sum over tokens of x_j^2, divided by the number of sequences (Wanda).
+    hessian:  H = (2 / tokens) sum x^T x, only when some stage asked for it.
+    """
+
+    def __init__(self, in_features: int, want_hessian: bool):
+        self.in_features = in_features
+        self.nsamples = 0
+        self.ntokens = 0
+        self._act_sq = torch.zeros(in_features, dtype=torch.float64)
+        self._H = torch.zeros(in_features, in_features) if want_hessian else None
+        self._inverse: dict[tuple, InverseHessian] = {}
+        self.final = False
+
+    def add(self, x: torch.Tensor) -> None:
+        self.nsamples += x.shape[0] if x.dim() > 2 else 1
+        x = x.reshape(-1, self.in_features).to(torch.float32)  # (tokens, in)
+        self.ntokens += x.shape[0]
+        self._act_sq += x.square().sum(0, dtype=torch.float64)
+        if self._H is not None:
+            self._H.addmm_(x.T, x)
+
+    def finalize(self, name: str = "") -> None:
+        if self.final:
+            return
+        if self.ntokens == 0:
+            raise NumericalError(f"{name or 'a layer'} saw no calibration tokens")
+        if not torch.isfinite(self._act_sq).all():
+            raise NumericalError(f"the calibration activations entering {name or 'a layer'} contain NaN/Inf")
+        self._act_sq /= self.nsamples
+        if self._H is not None:
+            self._H *= 2 / self.ntokens
+        self.final = True
+
+    @property
+    def act_norm(self) -> torch.Tensor:  # (in,)
+        return self._act_sq.to(torch.float32)
+
+    @property
+    def hessian(self) -> torch.Tensor:  # (in, in)
+        if self._H is None:
+            raise RuntimeError("this stage needs the Hessian but the engine did not collect it")
+        return self._H
+
+    def inverse(self, percdamp: float, actorder: bool, name: str = "") -> InverseHessian:
+        key = (percdamp, actorder)
+        if key not in self._inverse:  # one factorisation serves every Linear sharing this input
+            self._inverse[key] = inverse_hessian(self.hessian, percdamp, actorder, name=name)
+        return self._inverse[key]
+
+
+@dataclass
+class LinearState:
+    name: str
+    original: torch.Tensor  # (out, in) the dense weight, never modified
+    weight: torch.Tensor  # (out, in) current weight as the model will compute with it
+    mask: torch.Tensor | None = None  # (out, in) bool, True = kept
+    sparsity: Sparsity | None = None
+    quant: QuantSpec | None = None
+    scale: torch.Tensor | None = None  # (out, G)
+    zero: torch.Tensor | None = None  # (out, G)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_weight(cls, name: str, W: torch.Tensor) -> "LinearState":
+        W = W.detach().to(torch.float32, copy=True)  # the module's weight is overwritten later
+        if not torch.isfinite(W).all():
+            raise NumericalError(f"the weight of {name} contains NaN/Inf")
+        return cls(name=name, original=W, weight=W.clone())
+
+    def bits(self) -> dict[str, int]:
+        out, k = self.weight.shape
+        kept = int(self.mask.sum()) if self.mask is not None else None
+        return weight_bits(
+            out, k,
+            bits=self.quant.bits if self.quant else None,
+            ngroups=self.quant.ngroups(k) if self.quant else 0,
+            asymmetric=bool(self.quant and not self.quant.symmetric),
+            kept=kept,
+            nm_m=self.sparsity.m if (self.sparsity and self.sparsity.structured) else 0,
+        )
+
+
+class Stage:
+    """Base of all stages. Subclasses are dataclasses registered with @register."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    quantizes: ClassVar[bool] = False
+    prunes: ClassVar[bool] = False
+
+    def apply(self, state: LinearState, stats: LinearStats | None) -> LinearState:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        args = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                         if getattr(self, f.name) != f.default)
+        return f"{self.name}({args})"
+
+    def to_dict(self) -> dict:
+        d = {"method": self.name}
+        for f in dataclasses.fields(self):
+            d[f.name] = getattr(self, f.name)
+        return d
+
+    def check_layer(self, name: str, out_features: int, in_features: int) -> None:
+        """Raise RecipeError when this stage cannot handle a layer of this shape."""
+
+    def run(self, state: LinearState, stats: LinearStats | None) -> LinearState:
+        t = time.perf_counter()
+        state = self.apply(state, stats)
+        state.notes.setdefault("seconds", {})[self.name] = time.perf_counter() - t
+        return state
+
+
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register(cls):
+    if not cls.name:
+        raise TypeError("a stage needs a name")
+    STAGES[cls.name] = cls
+    return cls
+
+
+def build_stage(d: dict) -> Stage:
+    if not isinstance(d, dict):
+        raise RecipeError(f"a stage must be a mapping with a 'method' key, got {d!r}")
+    d = dict(d)
+    method = d.pop("method", None)
+    if method not in STAGES:
+        raise RecipeError(f"unknown method {method!r}; known: {', '.join(sorted(STAGES))}")
+    cls = STAGES[method]
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in d:
+        if key not in names:
+            raise RecipeError(f"unknown key {key!r} for method {method!r}; allowed: {', '.join(sorted(names))}")
+    try:
+        return cls(**d)
+    except RecipeError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"method {method!r}: {e}") from None
+
+
+@dataclass
+class QuantFields:
+    """Grid fields shared by the quantizing stages."""
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    clip_search: bool = False
+
+    def quant_spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.symmetric, self.clip_search)

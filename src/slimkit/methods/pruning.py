@@ -1,0 +1,102 @@
+"""Pruning stages: magnitude, Wanda and SparseGPT (optionally with joint quantization)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import RecipeError
+from ..ops.masks import mask_from_scores, parse_sparsity
+from ..ops.obs import obs_sweep
+from ..ops.quant import QuantSpec
+from .base import ACT_NORM, HESSIAN, LinearState, LinearStats, Stage, register
+from .gptq import SweepFields
+
+
+@dataclass
+class PruneFields:
+    sparsity: str | float = "2:4"
+
+    def pattern(self):
+        return parse_sparsity(self.sparsity)
+
+    def check_layer(self, name, out_features, in_features):
+        self.pattern().check_width(in_features, name)
+
+
+class ScorePruner(PruneFields, Stage):
+    """Masks from a score of the ORIGINAL weight; the mask is applied to the current weight."""
+
+    prunes = True
+
+    def __post_init__(self):
+        self.pattern()
+
+    def scores(self, state: LinearState, stats: LinearStats | None):
+        raise NotImplementedError
+
+    def apply(self, state: LinearState, stats) -> LinearState:
+        if state.mask is not None:
+            raise RecipeError(f"{state.name} is already pruned; a recipe prunes once")
+        pattern = self.pattern()
+        keep = mask_from_scores(self.scores(state, stats), pattern)
+        state.mask, state.sparsity = keep, pattern
+        state.weight = state.weight * keep
+        return state
+
+
+@register
+@dataclass
+class Magnitude(ScorePruner):
+    name = "magnitude"
+
+    def scores(self, state, stats):
+        return state.original.abs()
+
+
+@register
+@dataclass
+class Wanda(ScorePruner):
+    name = "wanda"
+    needs = frozenset({ACT_NORM})
+
+    def scores(self, state, stats):
+        return state.original.abs() * stats.act_norm.sqrt()[None, :]  # (out, in)
+
+
+@register
+@dataclass
+class SparseGPT(SweepFields, PruneFields, Stage):
+    """SparseGPT; with ``bits`` set it quantizes jointly in the same sweep (SparseGPT + OPTQ)."""
+
+    name = "sparsegpt"
+    needs = frozenset({HESSIAN})
+    prunes = True
+    bits: int | None = None
+    group_size: int | None = 128
+    symmetric: bool = False
+    clip_search: bool = False
+
+    def __post_init__(self):
+        self.pattern()
+        self.check_sweep()
+        self.quant_spec()
+
+    @property
+    def quantizes(self) -> bool:  # type: ignore[override]
+        return self.bits is not None
+
+    def quant_spec(self) -> QuantSpec | None:
+        if self.bits is None:
+            return None
+        return QuantSpec(self.bits, self.group_size, self.symmetric, self.clip_search)
+
+    def apply(self, state: LinearState, stats: LinearStats) -> LinearState:
+        if state.mask is not None:
+            raise RecipeError(f"{state.name} is already pruned; a recipe prunes once")
+        spec, pattern = self.quant_spec(), self.pattern()
+        inv = stats.inverse(self.percdamp, False, state.name)
+        res = obs_sweep(state.weight, inv, quant=spec, sparsity=pattern, blocksize=self.blocksize)
+        state.weight, state.mask, state.sparsity = res.W, res.keep, pattern
+        if spec is not None:
+            state.quant, state.scale, state.zero = spec, res.scale, res.zero
+        state.notes["damp"] = inv.damp
+        return state

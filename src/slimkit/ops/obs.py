@@ -1,0 +1,173 @@
+"""The Optimal Brain Surgeon column sweep shared by GPTQ/OPTQ and SparseGPT.
+
+Walk the columns of W (out, in) in blocks; for column i pick the new value q
+(quantized, zero if pruned), error err = (w_i - q) / Hinv_ii, and push the error
+onto the remaining columns of the block with Hinv[i, i:]; after a block, push the
+block's errors onto all later columns with one matmul. Hinv is the upper
+Cholesky factor of the damped inverse Hessian.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import NumericalError, RecipeError
+from .masks import Sparsity, nm_mask
+from .quant import QuantSpec, fake_quantize, fit, fit_group
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InverseHessian:
+    Hinv: torch.Tensor  # (in, in) upper Cholesky factor of (H + damp I)^-1, in sweep order
+    perm: torch.Tensor | None  # sweep order (act-order) or None for natural order
+    dead: torch.Tensor  # (in,) bool, inputs that never fired
+    damp: float  # the damping actually used (relative to mean diag H)
+
+
+def inverse_hessian(H: torch.Tensor, percdamp: float = 0.01, actorder: bool = False,
+                    max_tries: int = 6, name: str = "") -> InverseHessian:
+    """Dead inputs get H_jj = 1; damping percdamp * mean(diag H), multiplied by 10 on each
+    Cholesky failure (logged) up to ``max_tries`` times."""
+    H = H.detach().to(torch.float64).clone()
+    if not torch.isfinite(H).all():
+        raise NumericalError(f"the Hessian of {name or 'a layer'} has NaN/Inf entries")
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    perm = None
+    if actorder:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        H = H[perm][:, perm]
+    mean_diag = torch.mean(torch.diag(H)).item()
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    damp = percdamp
+    for attempt in range(max_tries):
+        try:
+            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
+            Hinv = torch.cholesky_inverse(L)
+            U = torch.linalg.cholesky(Hinv, upper=True)
+            if attempt:
+                log.warning("%s: Cholesky needed damping %.3g (asked %.3g)", name or "layer", damp, percdamp)
+            return InverseHessian(U.to(torch.float32), perm, dead, damp)
+        except torch.linalg.LinAlgError:
+            damp = damp * 10 if damp > 0 else 1e-4
+    raise NumericalError(f"Cholesky of the Hessian of {name or 'a layer'} failed even with damping {damp:g}")
+
+
+@dataclass
+class SweepResult:
+    W: torch.Tensor  # (out, in) new weights (quantized and/or pruned), natural column order
+    keep: torch.Tensor | None  # (out, in) bool keep-mask, when anything was pruned
+    scale: torch.Tensor | None  # (out, G) grid of every (row, group), when quantized
+    zero: torch.Tensor | None
+
+
+def _block_size(blocksize: int, quant: QuantSpec | None, sparsity: Sparsity | None, k: int) -> int:
+    """Blocks hold whole groups and whole N:M runs, so parameters fitted at a group start
+    see every error already pushed onto that group."""
+    unit = 1
+    if quant is not None and quant.group_size and quant.group_size < k:
+        unit = quant.group_size
+    if sparsity is not None and sparsity.structured:
+        unit = unit * sparsity.m // math.gcd(unit, sparsity.m)
+    return unit * max(1, blocksize // unit)
+
+
+def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None = None,
+              sparsity: Sparsity | None = None, mask: torch.Tensor | None = None,
+              blocksize: int = 128) -> SweepResult:
+    """Prune (``sparsity``, chosen inside the sweep as SparseGPT does), keep an existing ``mask``,
+    and/or quantize (``quant``, groups fitted as the sweep reaches them; with act-order the
+    groups are fitted up front on the natural column order) W (out, in)."""
+    if quant is None and sparsity is None:
+        raise RecipeError("an OBS sweep needs a quantizer, a sparsity target or both")
+    if sparsity is not None and mask is not None:
+        raise RecipeError("a layer that is already pruned cannot be pruned again")
+    W = W.detach().to(torch.float32).clone()
+    out, k = W.shape
+    W[:, inv.dead] = 0
+    perm = inv.perm
+    if perm is not None and sparsity is not None and sparsity.structured:
+        raise RecipeError("act-order cannot be combined with N:M pruning (it would break the N:M runs)")
+    keep = None
+    if mask is not None:
+        keep = mask.clone()
+    elif sparsity is not None:
+        keep = torch.ones_like(W, dtype=torch.bool)
+
+    scale = zero = None
+    col_group = None
+    dynamic = False
+    if quant is not None:
+        G = quant.ngroups(k)
+        g = quant.group_width(k)
+        col_group = torch.arange(k) // g  # group of every natural column
+        if perm is not None or G == 1:
+            scale, zero = fit(W * keep if keep is not None else W, quant)
+        else:
+            dynamic = True
+            scale = torch.zeros(out, G)
+            zero = torch.zeros(out, G)
+    if perm is not None:
+        W = W[:, perm]
+        if keep is not None:
+            keep = keep[:, perm]
+        col_group = col_group[perm] if col_group is not None else None
+
+    Hinv = inv.Hinv
+    bs = _block_size(blocksize, quant, sparsity, k)
+    g = quant.group_width(k) if quant is not None else k
+    for i1 in range(0, k, bs):
+        i2 = min(i1 + bs, k)
+        cnt = i2 - i1
+        W1 = W[:, i1:i2].clone()  # (out, cnt)
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d1 = torch.diag(Hinv1)  # (cnt,)
+        keep1 = keep[:, i1:i2].clone() if keep is not None else None
+        if sparsity is not None and not sparsity.structured:
+            score = W1**2 / d1[None, :] ** 2  # (out, cnt)
+            nprune = int(score.numel() * sparsity.ratio)
+            if nprune:
+                drop = torch.topk(score.flatten(), nprune, largest=False).indices
+                keep1.view(-1)[drop] = False
+        for j in range(cnt):
+            col = i1 + j
+            w = W1[:, j]
+            if sparsity is not None and sparsity.structured and col % sparsity.m == 0:
+                score = W1[:, j:j + sparsity.m] ** 2 / d1[None, j:j + sparsity.m] ** 2
+                keep1[:, j:j + sparsity.m] = nm_mask(score, sparsity.n, sparsity.m)
+            if quant is not None:
+                gi = int(col_group[col])
+                if dynamic and col % g == 0:
+                    blk = W1[:, j:j + g]
+                    if keep1 is not None:
+                        blk = blk * keep1[:, j:j + g]
+                    scale[:, gi], zero[:, gi] = fit_group(blk, quant)
+                q = fake_quantize(w, scale[:, gi], zero[:, gi], quant.bits)
+            else:
+                q = w.clone()
+            if keep1 is not None:
+                q = q * keep1[:, j]
+            Q1[:, j] = q
+            err = (w - q) / d1[j]
+            W1[:, j:] -= err[:, None] * Hinv1[j, j:][None, :]
+            Err1[:, j] = err
+        W[:, i1:i2] = Q1
+        if keep1 is not None:
+            keep[:, i1:i2] = keep1
+        if i2 < k:
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if perm is not None:
+        inv_perm = torch.argsort(perm)
+        W = W[:, inv_perm]
+        if keep is not None:
+            keep = keep[:, inv_perm]
+    if not torch.isfinite(W).all():
+        raise NumericalError("the OBS sweep produced NaN/Inf weights")
+    return SweepResult(W, keep, scale, zero)

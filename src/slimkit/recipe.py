@@ -1,0 +1,122 @@
+"""Typed recipes: a name, which Linears to leave alone, and a pipeline of stages.
+
+YAML form::
+
+    name: sparsegpt-2:4-gptq-w4
+    description: SparseGPT 2:4 with joint 4-bit group quantization
+    ignore: ["re:.*lm_head$"]      # module names (regex with re:, else fnmatch glob)
+    stages:
+      - method: sparsegpt
+        sparsity: "2:4"
+        bits: 4
+        group_size: 64
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .errors import RecipeError
+from .methods import Stage, build_stage
+
+RECIPE_KEYS = {"name", "description", "ignore", "stages"}
+
+
+@dataclass
+class Recipe:
+    name: str
+    stages: list[Stage]
+    description: str = ""
+    ignore: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.stages:
+            raise RecipeError(f"recipe {self.name!r} has no stages")
+        for pat in self.ignore:
+            if not isinstance(pat, str):
+                raise RecipeError(f"recipe {self.name!r}: ignore entries must be strings, got {pat!r}")
+            if pat.startswith("re:"):
+                try:
+                    re.compile(pat[3:])
+                except re.error as e:
+                    raise RecipeError(f"recipe {self.name!r}: bad regex {pat!r}: {e}") from None
+        if sum(1 for s in self.stages if s.prunes) > 1:
+            raise RecipeError(f"recipe {self.name!r} prunes more than once")
+
+    @property
+    def needs(self) -> set[str]:
+        out: set[str] = set()
+        for s in self.stages:
+            out |= set(s.needs)
+        return out
+
+    def ignores(self, module_name: str) -> bool:
+        for pat in self.ignore:
+            if pat.startswith("re:"):
+                if re.fullmatch(pat[3:], module_name):
+                    return True
+            elif fnmatch.fnmatchcase(module_name, pat):
+                return True
+        return False
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "ignore": list(self.ignore),
+                "stages": [s.to_dict() for s in self.stages]}
+
+    @classmethod
+    def from_dict(cls, d, default_name: str = "custom") -> "Recipe":
+        if not isinstance(d, dict):
+            raise RecipeError("a recipe must be a mapping with a 'stages' list")
+        unknown = set(d) - RECIPE_KEYS
+        if unknown:
+            raise RecipeError(f"unknown recipe key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(RECIPE_KEYS))}")
+        stages = d.get("stages")
+        if not isinstance(stages, list):
+            raise RecipeError("a recipe needs a 'stages' list")
+        ignore = d.get("ignore") or []
+        if isinstance(ignore, str):
+            ignore = [ignore]
+        return cls(name=str(d.get("name") or default_name), description=str(d.get("description") or ""),
+                   ignore=list(ignore), stages=[build_stage(s) for s in stages])
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist")
+        try:
+            d = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {first}") from None
+        return cls.from_dict(d, default_name=path.stem)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _builtin_dir():
+    return resources.files("slimkit") / "recipes"
+
+
+def builtin_recipes() -> dict[str, Path]:
+    out = {}
+    for entry in _builtin_dir().iterdir():
+        if entry.name.endswith(".yaml"):
+            out[entry.name[:-5]] = entry
+    return dict(sorted(out.items()))
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A built-in recipe by name, or a YAML file by path."""
+    builtins = builtin_recipes()
+    if name_or_path in builtins:
+        return Recipe.from_dict(yaml.safe_load(builtins[name_or_path].read_text()), default_name=name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).exists():
+        return Recipe.from_yaml(name_or_path)
+    raise RecipeError(f"unknown recipe {name_or_path!r}; built-in: {', '.join(builtins)} (or a .yaml file)")

@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from slimkit.errors import RecipeError
+from slimkit.ops.masks import is_nm, mask_from_scores, parse_sparsity
+from slimkit.ops.quant import QuantSpec, fake_quantize_matrix, fit, group_slices, quantize_matrix
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [None, 32, 48])  # 48 leaves a ragged last group of 100 columns
+@pytest.mark.parametrize("sym", [False, True])
+def test_grid_codes_and_levels(bits, group, sym):
+    torch.manual_seed(0)
+    W = torch.randn(16, 100)
+    spec = QuantSpec(bits, group, sym)
+    scale, zero = fit(W, spec)
+    G = -(-100 // (group or 100))
+    assert scale.shape == zero.shape == (16, G)
+    q = quantize_matrix(W, scale, zero, spec)
+    assert q.min() >= 0 and q.max() <= 2**bits - 1 and torch.equal(q, q.round())
+    Wq = fake_quantize_matrix(W, scale, zero, spec)
+    for sl in group_slices(100, group):
+        for r in range(16):
+            assert len(torch.unique(Wq[r, sl])) <= 2**bits
+    # inside the representable range the error is at most half a step
+    err = (Wq - W).abs()
+    from slimkit.ops.quant import expand
+    step = expand(scale, 100, group)
+    if not sym:
+        assert (err <= step / 2 + 1e-6).all()
+    else:
+        assert (err <= step + 1e-6).all()  # the extreme positive value may clip by one step
+
+
+def test_ragged_last_group():
+    assert [(s.start, s.stop) for s in group_slices(576, 128)][-1] == (512, 576)
+    assert QuantSpec(4, 128).ngroups(576) == 5
+
+
+def test_symmetric_zero_is_midpoint():
+    scale, zero = fit(torch.randn(4, 64), QuantSpec(4, 32, True))
+    assert torch.all(zero == 8)
+
+
+def test_clip_search_no_worse_than_minmax():
+    torch.manual_seed(1)
+    W = torch.randn(32, 128) * torch.exp(torch.randn(32, 128))
+    base = QuantSpec(3, 64)
+    clipped = QuantSpec(3, 64, clip_search=True)
+    e0 = (fake_quantize_matrix(W, *fit(W, base), base) - W).abs().pow(2.4).sum(1)
+    e1 = (fake_quantize_matrix(W, *fit(W, clipped), clipped) - W).abs().pow(2.4).sum(1)
+    assert (e1 <= e0 + 1e-5).all() and e1.sum() < e0.sum()
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, 2.5, True])
+def test_bits_out_of_range(bits):
+    with pytest.raises(RecipeError):
+        QuantSpec(bits)
+
+
+@pytest.mark.parametrize("value", ["5:4", "0:4", "4:4", "a:b", "2:4:8", 0, 1.0, 1.5, "-10%", "x"])
+def test_bad_sparsity(value):
+    with pytest.raises(RecipeError):
+        parse_sparsity(value)
+
+
+def test_parse_sparsity():
+    assert parse_sparsity("2:4").n == 2 and parse_sparsity("2:4").m == 4
+    assert parse_sparsity("50%").ratio == 0.5 and parse_sparsity(0.3).ratio == 0.3
+    assert parse_sparsity("1:8").density == 7 / 8
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "4:8"])
+def test_nm_mask_exact(pattern):
+    sp = parse_sparsity(pattern)
+    scores = torch.rand(8, 64)
+    keep = mask_from_scores(scores, sp)
+    groups = keep.reshape(8, -1, sp.m).sum(-1)
+    assert torch.all(groups == sp.m - sp.n)
+    assert is_nm(keep, sp.n, sp.m)
+    # the dropped scores are the lowest of each run
+    s = scores.reshape(8, -1, sp.m)
+    k = keep.reshape(8, -1, sp.m)
+    assert torch.all((s * ~k).amax(-1) <= s.masked_fill(~k, float("inf")).amin(-1))
+
+
+def test_row_mask_ratio():
+    keep = mask_from_scores(torch.rand(5, 100), parse_sparsity(0.3))
+    assert torch.all(keep.sum(1) == 70)

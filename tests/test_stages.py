@@ -1,0 +1,192 @@
+"""Conformance battery over every registered stage, on tiny Linear layers with synthetic statistics."""
+import pytest
+import torch
+
+from slimkit.errors import NumericalError, RecipeError
+from slimkit.methods import STAGES, LinearState, LinearStats, build_stage
+from slimkit.ops.masks import is_nm
+from slimkit.ops.obs import inverse_hessian
+from slimkit.ops.quant import QuantSpec, group_slices
+
+from helpers import correlated_inputs
+
+OUT, IN = 48, 128
+
+# every registered stage with a representative configuration (a new stage must add itself here)
+CONFIGS = {
+    "rtn": [{"bits": 4, "group_size": 32}, {"bits": 3, "group_size": None, "symmetric": True}],
+    "gptq": [{"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 48, "actorder": True}],
+    "magnitude": [{"sparsity": "2:4"}, {"sparsity": 0.5}],
+    "wanda": [{"sparsity": "2:4"}, {"sparsity": 0.5}],
+    "sparsegpt": [{"sparsity": "2:4"}, {"sparsity": 0.5, "bits": 4, "group_size": 32}],
+}
+CASES = [(m, c) for m, cs in CONFIGS.items() for c in cs]
+
+
+def test_every_stage_is_in_the_battery():
+    assert set(STAGES) == set(CONFIGS)
+
+
+def layer(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(OUT, IN, generator=g)
+    X = correlated_inputs(2048, IN, seed)
+    stats = LinearStats(IN, want_hessian=True)
+    stats.add(X.reshape(8, 256, IN))
+    stats.finalize()
+    return W, X, stats
+
+
+def run(cfg, W, stats, state=None):
+    stage = build_stage(cfg)
+    state = state or LinearState.from_weight("layer", W)
+    return stage.run(state, stats)
+
+
+def out_err(W, Wq, X):
+    return ((X @ (W - Wq).T).norm() / (X @ W.T).norm()).item()
+
+
+@pytest.mark.parametrize("method,cfg", CASES)
+def test_shape_finite_deterministic(method, cfg):
+    W, X, stats = layer()
+    a = run({"method": method, **cfg}, W, stats)
+    _, _, stats2 = layer()
+    b = run({"method": method, **cfg}, W, stats2)
+    assert a.weight.shape == W.shape and torch.isfinite(a.weight).all()
+    assert torch.equal(a.weight, b.weight)
+    assert torch.equal(a.original, W)  # the original is never modified
+    assert 0 < out_err(W, a.weight, X) < 1
+
+
+@pytest.mark.parametrize("method,cfg", [c for c in CASES if STAGES[c[0]].prunes])
+def test_pruners_meet_their_pattern(method, cfg):
+    W, X, stats = layer()
+    s = run({"method": method, **cfg}, W, stats)
+    assert s.mask is not None and torch.all(s.weight[~s.mask] == 0)
+    if cfg["sparsity"] == "2:4":
+        assert is_nm(s.mask, 2, 4) and is_nm(s.weight != 0, 2, 4)
+        assert s.mask.float().mean().item() == 0.5
+    else:
+        assert abs(1 - s.mask.float().mean().item() - cfg["sparsity"]) < 0.01
+
+
+@pytest.mark.parametrize("method,cfg", [c for c in CASES if build_stage({"method": c[0], **c[1]}).quantizes and
+                                        not STAGES[c[0]].prunes])
+@pytest.mark.parametrize("pruner", ["magnitude", "wanda"])
+def test_quantizers_keep_an_existing_mask(method, cfg, pruner):
+    W, X, stats = layer()
+    s = run({"method": pruner, "sparsity": "2:4"}, W, stats)
+    mask = s.mask.clone()
+    s = run({"method": method, **cfg}, W, stats, state=s)
+    assert torch.equal(s.mask, mask)
+    assert torch.all(s.weight[~mask] == 0)
+    assert is_nm(s.weight != 0, 2, 4)
+
+
+@pytest.mark.parametrize("method,cfg", [c for c in CASES if build_stage({"method": c[0], **c[1]}).quantizes])
+def test_quantized_weights_sit_on_their_grid(method, cfg):
+    W, X, stats = layer()
+    s = run({"method": method, **cfg}, W, stats)
+    spec = s.quant
+    for gi, sl in enumerate(group_slices(IN, spec.group_size)):
+        scale, zero = s.scale[:, gi:gi + 1], s.zero[:, gi:gi + 1]
+        q = s.weight[:, sl] / scale + zero
+        assert torch.allclose(q, q.round(), atol=1e-3)
+        kept = q if s.mask is None else q[s.mask[:, sl]]
+        assert kept.round().min() >= 0 and kept.round().max() <= 2**spec.bits - 1
+
+
+def hessian_error(W, Wq, H):
+    D = W - Wq
+    return torch.trace(D @ H @ D.T).item()
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (3, None), (2, 64), (4, 48)])
+def test_gptq_beats_rtn_in_hessian_error(bits, group):
+    W, X, stats = layer(1)
+    g = run({"method": "gptq", "bits": bits, "group_size": group}, W, stats)
+    r = run({"method": "rtn", "bits": bits, "group_size": group}, W, stats)
+    assert hessian_error(W, g.weight, stats.hessian) < hessian_error(W, r.weight, stats.hessian)
+
+
+@pytest.mark.parametrize("sparsity", ["2:4", 0.5, "4:8"])
+def test_sparsegpt_beats_magnitude_at_same_budget(sparsity):
+    W, X, stats = layer(2)
+    s = run({"method": "sparsegpt", "sparsity": sparsity}, W, stats)
+    m = run({"method": "magnitude", "sparsity": sparsity}, W, stats)
+    assert abs(s.mask.sum().item() - m.mask.sum().item()) <= OUT  # same budget (per-block vs per-row rounding)
+    assert hessian_error(W, s.weight, stats.hessian) < hessian_error(W, m.weight, stats.hessian)
+
+
+def test_wanda_beats_magnitude_on_skewed_inputs():
+    W, X, stats = layer(3)
+    w = run({"method": "wanda", "sparsity": 0.5}, W, stats)
+    m = run({"method": "magnitude", "sparsity": 0.5}, W, stats)
+    assert out_err(W, w.weight, X) < out_err(W, m.weight, X)
+
+
+def test_cholesky_failure_escalates_damping(caplog):
+    X = correlated_inputs(8, 32)  # rank 8 < 32: singular Hessian
+    H = 2 * X.T @ X / 8
+    inv = inverse_hessian(H, percdamp=0.0, name="singular")
+    assert inv.damp > 0 and torch.isfinite(inv.Hinv).all()
+
+
+def test_dead_inputs_are_zeroed():
+    W, X, _ = layer()
+    X[:, 5] = 0
+    stats = LinearStats(IN, want_hessian=True)
+    stats.add(X)
+    stats.finalize()
+    s = run({"method": "gptq", "bits": 4, "group_size": 32}, W, stats)
+    assert torch.all(s.weight[:, 5] == 0) and torch.isfinite(s.weight).all()
+
+
+def test_nan_hessian_is_named():
+    H = torch.eye(8)
+    H[0, 0] = float("nan")
+    with pytest.raises(NumericalError, match="mylayer"):
+        inverse_hessian(H, name="mylayer")
+
+
+def test_nan_weight_is_named():
+    W = torch.randn(4, 8)
+    W[1, 2] = float("inf")
+    with pytest.raises(NumericalError, match="q_proj"):
+        LinearState.from_weight("q_proj", W)
+
+
+@pytest.mark.parametrize("cfg,msg", [
+    ({"method": "rtn", "bits": 1}, "bits"), ({"method": "rtn", "bits": 9}, "bits"),
+    ({"method": "wanda", "sparsity": "5:4"}, "5:4"), ({"method": "rtn", "bitz": 4}, "bitz"),
+    ({"method": "nope"}, "nope"), ({"method": "gptq", "percdamp": -1}, "percdamp"),
+    ({"method": "rtn", "group_size": 0}, "group_size"), ("rtn", "mapping"),
+])
+def test_bad_stage_configs(cfg, msg):
+    with pytest.raises(RecipeError, match=msg):
+        build_stage(cfg)
+
+
+def test_nm_needs_divisible_width():
+    stage = build_stage({"method": "wanda", "sparsity": "2:4"})
+    with pytest.raises(RecipeError, match="multiple of 4"):
+        stage.check_layer("x", 8, 30)
+
+
+def test_actorder_with_nm_refused():
+    W, X, stats = layer()
+    s = run({"method": "wanda", "sparsity": "2:4"}, W, stats)
+    s = run({"method": "gptq", "bits": 4, "actorder": True}, W, stats, state=s)  # an existing mask is fine
+    assert torch.all(s.weight[~s.mask] == 0)
+
+
+def test_bits_accounting():
+    W, X, stats = layer()
+    s = run({"method": "sparsegpt", "sparsity": "2:4", "bits": 4, "group_size": 32}, W, stats)
+    b = s.bits()
+    numel = OUT * IN
+    assert b["values"] == numel // 2 * 4
+    assert b["mask"] == numel // 2 * 2  # 2-bit position per kept value
+    assert b["scales"] == OUT * (IN // 32) * 16 and b["zeros"] == OUT * (IN // 32) * 4
+    assert QuantSpec(4, 32).ngroups(IN) == IN // 32
