@@ -12,19 +12,12 @@ from helpers import correlated_inputs
 
 OUT, IN = 48, 128
 
-# every registered stage with a representative configuration (a new stage must add itself here)
-CONFIGS = {
-    "rtn": [{"bits": 4, "group_size": 32}, {"bits": 3, "group_size": None, "symmetric": True}],
-    "gptq": [{"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 48, "actorder": True}],
-    "magnitude": [{"sparsity": "2:4"}, {"sparsity": 0.5}],
-    "wanda": [{"sparsity": "2:4"}, {"sparsity": 0.5}],
-    "sparsegpt": [{"sparsity": "2:4"}, {"sparsity": 0.5, "bits": 4, "group_size": 32}],
-}
-CASES = [(m, c) for m, cs in CONFIGS.items() for c in cs]
+# every registered stage runs with the representative configurations it declares
+CASES = [(name, dict(cfg)) for name, cls in sorted(STAGES.items()) for cfg in cls.examples]
 
 
-def test_every_stage_is_in_the_battery():
-    assert set(STAGES) == set(CONFIGS)
+def test_every_stage_declares_examples():
+    assert all(cls.examples for cls in STAGES.values())
 
 
 def layer(seed=0):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import resource
@@ -23,6 +22,7 @@ from .eval.report import write_report
 from .models import layout_for, load_model
 from .models.loading import resolve
 from .recipe import Recipe, load_recipe
+from .state_io import StateRecorder
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
     windows = evaluation_ids(eval_data, tok, seqlen, eval_tokens) if eval_data else None
     t_load = time.perf_counter() - t0
 
-    result = compress_model(m, layout, rec, ids, batch_size=batch_size, progress=progress)
+    recorder = StateRecorder()
+    result = compress_model(m, layout, rec, ids, batch_size=batch_size, progress=progress, on_layer=recorder)
     rss_compress = peak_rss_mb()
     report = {
         "slimkit_version": __version__, "model": model, "model_location": location,
@@ -97,8 +98,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
         t = time.perf_counter()
         m.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "slimkit.json").write_text(json.dumps(
-            {"format": "slimkit-fakequant", "version": 1, "recipe": rec.to_dict(), "source_model": model}, indent=1))
+        recorder.save(tmp, {"format": "slimkit-fakequant", "version": 1, "slimkit_version": __version__,
+                            "recipe": rec.to_dict(), "source_model": model, "model_type": layout.model_type})
         report["save_seconds"] = time.perf_counter() - t
         if windows is not None:
             report["eval"] = evaluate_against_dense(m, model, windows, progress=progress,

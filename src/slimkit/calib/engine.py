@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import NumericalError
-from ..methods.base import ACT_NORM, HESSIAN, LinearState
+from ..methods.base import HESSIAN, BlockContext, LinearState, Stage
 from ..models.layout import ModelLayout
 from ..recipe import Recipe
 from .hooks import ErrorProbe, StatsCollector, capture_block_inputs, run_block
@@ -35,6 +35,7 @@ class LayerReport:
     bits: dict[str, int]  # stored bits by part
     density: float  # fraction of weights kept
     grid: str  # e.g. "W4 g64 asym" or "fp16"
+    rank: int = 0  # low-rank adapter rank
     seconds: dict[str, float] = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
 
@@ -148,9 +149,16 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
             if not torch.isfinite(state.weight).all():
                 raise NumericalError(f"block {i}: {name} became NaN/Inf after compression")
             originals[name] = state.original
-            lin.weight.data.copy_(state.weight.to(lin.weight.dtype))
+            lin.weight.data.copy_(state.effective_weight().to(lin.weight.dtype))
             states[name] = state
         del stats
+        refiners = [st for st in recipe.stages if type(st).refine_block is not Stage.refine_block]
+        if refiners:
+            ctx = BlockContext(i, block, linears, states, inputs, dense_out, kwargs_list, batch_size)
+            for st in refiners:
+                t = time.perf_counter()
+                st.refine_block(ctx)
+                timings[f"refine:{st.name}"] += time.perf_counter() - t
 
         # 3. one forward with the compressed weights: the next block's inputs, and errors
         t = time.perf_counter()
@@ -166,7 +174,8 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
             layers.append(LayerReport(
                 name=name, shape=(out_f, in_f), rel_error=rel[name], bits=state.bits(),
                 density=float(state.mask.float().mean()) if state.mask is not None else 1.0,
-                grid=state.quant.describe() if state.quant else "fp16",
+                grid=state.notes.get("grid") or (state.quant.describe() if state.quant else "fp16"),
+                rank=state.rank,
                 seconds=dict(state.notes.get("seconds", {})),
                 notes={k: v for k, v in state.notes.items() if k != "seconds"}))
             if on_layer is not None:
@@ -179,5 +188,5 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         log.debug("block %d: output rel. error %.5f", i, err)
         inputs, next_in = next_in, inputs
     timings["total"] = time.perf_counter() - t_start
-    timings["stages"] = sum(v for k, v in timings.items() if k.startswith("stage:"))
+    timings["stages"] = sum(v for k, v in timings.items() if k.startswith(("stage:", "refine:")))
     return CompressionResult(layers, block_reports, dict(timings), int(calib_ids.shape[0]), int(calib_ids.shape[1]))

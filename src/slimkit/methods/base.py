@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from ..errors import NumericalError, RecipeError
 from ..ops.bits import weight_bits
@@ -78,14 +79,23 @@ class LinearStats:
 
 @dataclass
 class LinearState:
+    """One Linear under compression. The model computes with ``effective_weight()``:
+    y = x W^T + (x L) R, folded into one dense matrix for the fake-quantized model."""
+
     name: str
     original: torch.Tensor  # (out, in) the dense weight, never modified
-    weight: torch.Tensor  # (out, in) current weight as the model will compute with it
+    weight: torch.Tensor  # (out, in) current base weight (quantized and/or pruned)
     mask: torch.Tensor | None = None  # (out, in) bool, True = kept
     sparsity: Sparsity | None = None
     quant: QuantSpec | None = None
     scale: torch.Tensor | None = None  # (out, G)
     zero: torch.Tensor | None = None  # (out, G)
+    L: torch.Tensor | None = None  # (in, r) low-rank adapter, y += (x L) R
+    R: torch.Tensor | None = None  # (r, out)
+    adapter_bits: int | None = None  # None: fp16 adapters; else AbsMax codes of this width
+    adapter_group: int = 128  # entries per AbsMax scale along the first dimension of L and R
+    storage: dict[str, int] | None = None  # a method's own accounting of the base weight's bits
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # a method's extra tensors to persist
     notes: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -95,17 +105,63 @@ class LinearState:
             raise NumericalError(f"the weight of {name} contains NaN/Inf")
         return cls(name=name, original=W, weight=W.clone())
 
+    @property
+    def rank(self) -> int:
+        return 0 if self.L is None else self.L.shape[1]
+
+    def effective_weight(self) -> torch.Tensor:
+        if self.L is None:
+            return self.weight
+        return self.weight + (self.L @ self.R).T  # (out, in)
+
     def bits(self) -> dict[str, int]:
         out, k = self.weight.shape
-        kept = int(self.mask.sum()) if self.mask is not None else None
-        return weight_bits(
-            out, k,
-            bits=self.quant.bits if self.quant else None,
-            ngroups=self.quant.ngroups(k) if self.quant else 0,
-            asymmetric=bool(self.quant and not self.quant.symmetric),
-            kept=kept,
-            nm_m=self.sparsity.m if (self.sparsity and self.sparsity.structured) else 0,
-        )
+        if self.storage is not None:
+            parts = dict(self.storage)
+        else:
+            kept = int(self.mask.sum()) if self.mask is not None else None
+            parts = weight_bits(
+                out, k,
+                bits=self.quant.bits if self.quant else None,
+                ngroups=self.quant.ngroups(k) if self.quant else 0,
+                asymmetric=bool(self.quant and not self.quant.symmetric),
+                kept=kept,
+                nm_m=self.sparsity.m if (self.sparsity and self.sparsity.structured) else 0,
+            )
+        if self.L is not None:
+            parts["adapters"] = adapter_bits(self.L, self.R, self.adapter_bits, self.adapter_group)
+        return parts
+
+
+def adapter_bits(L: torch.Tensor, R: torch.Tensor, bits: int | None, group: int) -> int:
+    """fp16 adapters, or AbsMax codes plus one fp16 scale per ``group`` entries of each column."""
+    total = 0
+    for M in (L, R):
+        rows, cols = M.shape
+        if bits is None:
+            total += rows * cols * 16
+        else:
+            total += rows * cols * bits + -(-rows // group) * cols * 16
+    return total
+
+
+@dataclass
+class BlockContext:
+    """What a block-level refinement (e.g. learned clipping, adapter tuning on block output MSE)
+    sees once every Linear of a block has been compressed."""
+
+    index: int
+    block: nn.Module
+    linears: dict[str, nn.Linear]
+    states: dict[str, LinearState]
+    inputs: torch.Tensor  # (N, S, H) this block's calibration inputs (from the compressed model)
+    targets: torch.Tensor  # (N, S, H) the dense block's outputs on the same inputs
+    kwargs_list: list[dict]  # per-batch keyword arguments of the block
+    batch_size: int
+
+    def write(self, name: str) -> None:
+        lin = self.linears[name]
+        lin.weight.data.copy_(self.states[name].effective_weight().to(lin.weight.dtype))
 
 
 class Stage:
@@ -113,6 +169,8 @@ class Stage:
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    # representative configurations that the conformance battery (tests/test_stages.py) runs
+    examples: ClassVar[tuple[dict, ...]] = ()
     quantizes: ClassVar[bool] = False
     prunes: ClassVar[bool] = False
 
@@ -132,6 +190,10 @@ class Stage:
 
     def check_layer(self, name: str, out_features: int, in_features: int) -> None:
         """Raise RecipeError when this stage cannot handle a layer of this shape."""
+
+    def refine_block(self, ctx: BlockContext) -> None:
+        """Optional: runs once per block after every Linear went through all stages;
+        may update ``ctx.states`` and must then call ``ctx.write(name)``."""
 
     def run(self, state: LinearState, stats: LinearStats | None) -> LinearState:
         t = time.perf_counter()

@@ -26,6 +26,7 @@ class GPTQ(SweepFields, QuantFields, Stage):
     name = "gptq"
     needs = frozenset({HESSIAN})
     quantizes = True
+    examples = ({"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 48, "actorder": True})
     actorder: bool = False
 
     def __post_init__(self):

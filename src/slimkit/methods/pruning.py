@@ -47,6 +47,7 @@ class ScorePruner(PruneFields, Stage):
 @dataclass
 class Magnitude(ScorePruner):
     name = "magnitude"
+    examples = ({"sparsity": "2:4"}, {"sparsity": 0.5})
 
     def scores(self, state, stats):
         return state.original.abs()
@@ -56,6 +57,7 @@ class Magnitude(ScorePruner):
 @dataclass
 class Wanda(ScorePruner):
     name = "wanda"
+    examples = ({"sparsity": "2:4"}, {"sparsity": 0.5})
     needs = frozenset({ACT_NORM})
 
     def scores(self, state, stats):
@@ -68,6 +70,7 @@ class SparseGPT(SweepFields, PruneFields, Stage):
     """SparseGPT; with ``bits`` set it quantizes jointly in the same sweep (SparseGPT + OPTQ)."""
 
     name = "sparsegpt"
+    examples = ({"sparsity": "2:4"}, {"sparsity": 0.5, "bits": 4, "group_size": 32})
     needs = frozenset({HESSIAN})
     prunes = True
     bits: int | None = None

@@ -12,6 +12,7 @@ from .base import LinearState, QuantFields, Stage, register
 class RTN(QuantFields, Stage):
     name = "rtn"
     quantizes = True
+    examples = ({"bits": 4, "group_size": 32}, {"bits": 3, "group_size": None, "symmetric": True})
 
     def __post_init__(self):
         self.quant_spec()  # validates

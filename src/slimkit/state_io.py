@@ -1,0 +1,82 @@
+"""What compression decided for every Linear, persisted next to the fake-quantized model.
+
+``slimkit_state.safetensors`` holds, per Linear ``P``: ``P.codes`` (uint8 integer codes of the
+base weight) with ``P.scale`` / ``P.zero`` (per row and group), ``P.mask`` (uint8, 1 = kept),
+``P.L`` / ``P.R`` (low-rank adapters, y += (x L) R), ``P.weight`` (the fp32 base weight, when it
+is not quantized but differs from the model's merged weight), and any tensors a method adds.
+``slimkit.json`` holds the matching per-layer metadata under ``"layers"``. Exporters build every
+other format from these two files.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import SlimkitError
+from .methods.base import LinearState
+from .ops.quant import quantize_matrix
+
+STATE_FILE = "slimkit_state.safetensors"
+META_FILE = "slimkit.json"
+
+
+def layer_record(state: LinearState) -> tuple[dict[str, torch.Tensor], dict]:
+    out, k = state.weight.shape
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict = {"shape": [out, k], "grid": state.notes.get("grid") or (state.quant.describe() if state.quant else "fp16")}
+    if state.quant is not None:
+        spec = state.quant
+        tensors["codes"] = quantize_matrix(state.weight, state.scale, state.zero, spec).to(torch.uint8)
+        tensors["scale"] = state.scale.float()
+        tensors["zero"] = state.zero.to(torch.uint8)
+        meta["quant"] = {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric}
+    if state.mask is not None:
+        tensors["mask"] = state.mask.to(torch.uint8)
+        meta["sparsity"] = state.sparsity.describe() if state.sparsity else "mask"
+    if state.L is not None:
+        tensors["L"], tensors["R"] = state.L.float(), state.R.float()
+        meta["adapters"] = {"rank": state.rank, "bits": state.adapter_bits, "group": state.adapter_group}
+        if state.quant is None:
+            tensors["weight"] = state.weight.float()
+    for key, value in state.tensors.items():
+        tensors[key] = value
+    meta["bits"] = state.bits()
+    return {f"{state.name}.{k}": v.contiguous() for k, v in tensors.items()}, meta
+
+
+class StateRecorder:
+    """An ``on_layer`` callback for the engine that keeps every layer's record."""
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.layers: dict[str, dict] = {}
+
+    def __call__(self, state: LinearState) -> None:
+        tensors, meta = layer_record(state)
+        self.tensors.update(tensors)
+        self.layers[state.name] = meta
+
+    def save(self, directory: Path, header: dict) -> None:
+        save_file(self.tensors, str(directory / STATE_FILE), metadata={"format": "slimkit-state", "version": "1"})
+        (directory / META_FILE).write_text(json.dumps(header | {"layers": self.layers}, indent=1))
+
+
+def load_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """-> (tensors, metadata) of a compressed folder; one-line errors on missing or corrupt files."""
+    d = Path(directory)
+    meta_path, state_path = d / META_FILE, d / STATE_FILE
+    if not meta_path.is_file() or not state_path.is_file():
+        raise SlimkitError(f"{str(d)!r} is not a slimkit output folder (no {META_FILE} / {STATE_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SlimkitError(f"{str(meta_path)!r} is corrupt: {e.msg}") from None
+    try:
+        tensors = load_file(str(state_path))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SlimkitError(f"{str(state_path)!r} is corrupt: {first}") from None
+    return tensors, meta
