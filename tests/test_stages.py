@@ -183,3 +183,12 @@ def test_bits_accounting():
     assert b["mask"] == numel // 2 * 2  # 2-bit position per kept value
     assert b["scales"] == OUT * (IN // 32) * 16 and b["zeros"] == OUT * (IN // 32) * 4
     assert QuantSpec(4, 32).ngroups(IN) == IN // 32
+
+
+def test_input_sample_keeps_first_rows():
+    X = correlated_inputs(300, 16)
+    stats = LinearStats(16, want_hessian=False, sample_rows=250)
+    stats.add(X[:200].reshape(2, 100, 16))
+    stats.add(X[200:])
+    stats.finalize()
+    assert torch.equal(stats.sample, X[:250])

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import NumericalError
-from ..methods.base import HESSIAN, BlockContext, LinearState, Stage
+from ..methods.base import HESSIAN, INPUT_SAMPLE, SAMPLE_ROWS, BlockContext, LinearState, Stage
 from ..models.layout import ModelLayout
 from ..recipe import Recipe
 from .hooks import ErrorProbe, StatsCollector, capture_block_inputs, run_block
@@ -127,7 +127,8 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
 
         # 1. one forward with the original weights: statistics + dense outputs
         t = time.perf_counter()
-        collector = StatsCollector(linears, want_hessian=HESSIAN in needs)
+        collector = StatsCollector(linears, want_hessian=HESSIAN in needs,
+                                   sample_rows=SAMPLE_ROWS if INPUT_SAMPLE in needs else 0)
         if data_free:
             run_block(block, inputs, kwargs_list, batch_size, out=dense_out)
             stats = {}

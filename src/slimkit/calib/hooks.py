@@ -72,9 +72,10 @@ class StatsCollector:
     never be mistaken for a shared input.
     """
 
-    def __init__(self, linears: dict[str, nn.Linear], want_hessian: bool):
+    def __init__(self, linears: dict[str, nn.Linear], want_hessian: bool, sample_rows: int = 0):
         self.linears = linears
         self.want_hessian = want_hessian
+        self.sample_rows = sample_rows
         self.stats: dict[str, LinearStats] = {}
         self.leader: dict[str, bool] = {}
         self._seen: dict[int, tuple[torch.Tensor, LinearStats]] = {}
@@ -88,7 +89,7 @@ class StatsCollector:
             if name not in self.stats:
                 entry = self._seen.get(id(x))
                 if entry is None or entry[0] is not x:
-                    entry = (x, LinearStats(module.in_features, self.want_hessian))
+                    entry = (x, LinearStats(module.in_features, self.want_hessian, self.sample_rows))
                     self._seen[id(x)] = entry
                     self.leader[name] = True
                 else:

@@ -22,6 +22,8 @@ from ..ops.quant import QuantSpec
 
 ACT_NORM = "act_norm"
 HESSIAN = "hessian"
+INPUT_SAMPLE = "input_sample"  # the first SAMPLE_ROWS input rows (tokens), e.g. to score output KL
+SAMPLE_ROWS = 4096
 
 
 class LinearStats:
@@ -29,14 +31,17 @@ class LinearStats:
 
     act_norm: a_j = sum over tokens of x_j^2, divided by the number of sequences (Wanda).
     hessian:  H = (2 / tokens) sum x^T x, only when some stage asked for it.
+    sample:   the first ``sample_rows`` input rows (tokens, in), only when asked.
     """
 
-    def __init__(self, in_features: int, want_hessian: bool):
+    def __init__(self, in_features: int, want_hessian: bool, sample_rows: int = 0):
         self.in_features = in_features
         self.nsamples = 0
         self.ntokens = 0
         self._act_sq = torch.zeros(in_features, dtype=torch.float64)
         self._H = torch.zeros(in_features, in_features) if want_hessian else None
+        self.sample_rows = sample_rows
+        self._sample: list[torch.Tensor] = []
         self._inverse: dict[tuple, InverseHessian] = {}
         self.final = False
 
@@ -47,6 +52,9 @@ class LinearStats:
         self._act_sq += x.square().sum(0, dtype=torch.float64)
         if self._H is not None:
             self._H.addmm_(x.T, x)
+        have = sum(t.shape[0] for t in self._sample)
+        if have < self.sample_rows:
+            self._sample.append(x[: self.sample_rows - have].clone())
 
     def finalize(self, name: str = "") -> None:
         if self.final:
@@ -63,6 +71,12 @@ class LinearStats:
     @property
     def act_norm(self) -> torch.Tensor:  # (in,)
         return self._act_sq.to(torch.float32)
+
+    @property
+    def sample(self) -> torch.Tensor:  # (rows, in)
+        if not self.sample_rows:
+            raise RuntimeError("this stage needs input samples but the engine did not collect them")
+        return torch.cat(self._sample)
 
     @property
     def hessian(self) -> torch.Tensor:  # (in, in)
