@@ -16,6 +16,7 @@ from .calib import compress_model
 from .calib.engine import check_recipe_fits
 from .data import calibration_ids, evaluation_ids
 from .errors import SlimkitError
+from .finetune import finetune_adapters
 from .eval import evaluate
 from .eval.perplexity import ReferenceCache, windows_key
 from .eval.report import write_report
@@ -84,7 +85,22 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
     t_load = time.perf_counter() - t0
 
     recorder = StateRecorder()
-    result = compress_model(m, layout, rec, ids, batch_size=batch_size, progress=progress, on_layer=recorder)
+    adapters: dict[str, dict] = {}
+
+    def on_layer(state):
+        recorder(state)
+        if rec.finetune is not None and state.L is not None:
+            adapters[state.name] = {"weight": state.weight, "L": state.L, "R": state.R,
+                                    "bits": state.adapter_bits, "group": state.adapter_group}
+
+    result = compress_model(m, layout, rec, ids, batch_size=batch_size, progress=progress, on_layer=on_layer)
+    finetune_report = None
+    if rec.finetune is not None:
+        ft = finetune_adapters(m, adapters, ids, rec.finetune, progress=progress)
+        for name, a in ft.pop("adapters").items():
+            recorder.tensors[f"{name}.L"], recorder.tensors[f"{name}.R"] = a["L"], a["R"]
+        finetune_report = ft
+        adapters.clear()
     rss_compress = peak_rss_mb()
     report = {
         "slimkit_version": __version__, "model": model, "model_location": location,
@@ -94,6 +110,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
         "compressed_params": sum(l.numel for l in result.layers),
         "peak_rss_compress_mb": rss_compress, "command": command,
     }
+    if finetune_report is not None:
+        report["finetune"] = finetune_report
     with atomic_dir(out_path) as tmp:
         t = time.perf_counter()
         m.save_pretrained(tmp)

@@ -22,9 +22,10 @@ from pathlib import Path
 import yaml
 
 from .errors import RecipeError
+from .finetune import FinetuneConfig
 from .methods import Stage, build_stage
 
-RECIPE_KEYS = {"name", "description", "ignore", "stages"}
+RECIPE_KEYS = {"name", "description", "ignore", "stages", "finetune"}
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Recipe:
     stages: list[Stage]
     description: str = ""
     ignore: list[str] = field(default_factory=list)
+    finetune: FinetuneConfig | None = None  # train the adapters after compression
 
     def __post_init__(self):
         if not self.stages:
@@ -47,6 +49,8 @@ class Recipe:
                     raise RecipeError(f"recipe {self.name!r}: bad regex {pat!r}: {e}") from None
         if sum(1 for s in self.stages if s.prunes) > 1:
             raise RecipeError(f"recipe {self.name!r} prunes more than once")
+        if self.finetune is not None and not any(s.name == "slim_lora" for s in self.stages):
+            raise RecipeError(f"recipe {self.name!r}: finetune trains adapters, but no stage makes any")
 
     @property
     def needs(self) -> set[str]:
@@ -65,8 +69,11 @@ class Recipe:
         return False
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "ignore": list(self.ignore),
-                "stages": [s.to_dict() for s in self.stages]}
+        d = {"name": self.name, "description": self.description, "ignore": list(self.ignore),
+             "stages": [s.to_dict() for s in self.stages]}
+        if self.finetune is not None:
+            d["finetune"] = self.finetune.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d, default_name: str = "custom") -> "Recipe":
@@ -81,8 +88,10 @@ class Recipe:
         ignore = d.get("ignore") or []
         if isinstance(ignore, str):
             ignore = [ignore]
+        ft = d.get("finetune")
         return cls(name=str(d.get("name") or default_name), description=str(d.get("description") or ""),
-                   ignore=list(ignore), stages=[build_stage(s) for s in stages])
+                   ignore=list(ignore), stages=[build_stage(s) for s in stages],
+                   finetune=None if ft is None else FinetuneConfig.from_dict(ft))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":

@@ -29,10 +29,14 @@ def layer_record(state: LinearState) -> tuple[dict[str, torch.Tensor], dict]:
     meta: dict = {"shape": [out, k], "grid": state.notes.get("grid") or (state.quant.describe() if state.quant else "fp16")}
     if state.quant is not None:
         spec = state.quant
-        tensors["codes"] = quantize_matrix(state.weight, state.scale, state.zero, spec).to(torch.uint8)
+        W = state.weight
+        if "input_scale" in state.tensors:  # W = dequant(codes) * input_scale (SLiM-Quant^O outlier channels)
+            W = W / state.tensors["input_scale"][None, :]
+        tensors["codes"] = quantize_matrix(W, state.scale, state.zero, spec).to(torch.uint8)
         tensors["scale"] = state.scale.float()
         tensors["zero"] = state.zero.to(torch.uint8)
-        meta["quant"] = {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric}
+        meta["quant"] = {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
+                         "per_tensor": spec.per_tensor}
     if state.mask is not None:
         tensors["mask"] = state.mask.to(torch.uint8)
         meta["sparsity"] = state.sparsity.describe() if state.sparsity else "mask"

@@ -25,6 +25,12 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         ("bits / weight (compressed Linears)", _f(comp["bits_per_weight"])),
         ("bits / weight by part", ", ".join(f"{k} {v:.3f}" for k, v in comp["bits_by_part"].items() if v)),
         ("compression wall time", f"{comp['timings']['total']:.1f} s"),
+    ]
+    if report.get("finetune"):
+        ft = report["finetune"]
+        rows.append(("adapter fine-tuning", f"{len(ft['loss'])} steps, {ft['seconds']:.1f} s, "
+                                            f"loss {ft['loss'][0]:.3f} -> {ft['loss'][-1]:.3f}"))
+    rows += [
         ("peak RSS (load + compress)", f"{report['peak_rss_compress_mb']:.0f} MiB"),
     ]
     if ev:
@@ -43,6 +49,9 @@ def markdown(report: dict) -> str:
     lines += [f"| {k} | {v} |" for k, v in summary_rows(report)]
     lines += ["", "## Where the time went", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in sorted(comp["timings"].items(), key=lambda kv: -kv[1])]
+    if report.get("finetune"):
+        loss = report["finetune"]["loss"]
+        lines += ["", "## Adapter fine-tuning loss (every step)", "", "    " + " ".join(f"{x:.3f}" for x in loss)]
     lines += ["", "## Blocks: output error against the dense block on the same inputs", "",
               "| block | rel. output error | seconds |", "|---|---|---|"]
     lines += [f"| {b['index']} | {b['rel_error']:.5f} | {b['seconds']:.1f} |" for b in comp["blocks"]]

@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import NumericalError, RecipeError
+from ..ops.bits import FP16 as FP16_BITS
 from ..ops.bits import weight_bits
 from ..ops.masks import Sparsity
 from ..ops.obs import InverseHessian, inverse_hessian
@@ -109,6 +110,10 @@ class LinearState:
     adapter_bits: int | None = None  # None: fp16 adapters; else AbsMax codes of this width
     adapter_group: int = 128  # entries per AbsMax scale along the first dimension of L and R
     storage: dict[str, int] | None = None  # a method's own accounting of the base weight's bits
+    extra_bits: dict[str, int] = field(default_factory=dict)  # further stored parts (e.g. outlier indices)
+    # re-quantize a new target with the grid family of the quantizing stage: (target (out, in),
+    # keep-mask or None) -> (weight, scale, zero); low-rank stages re-fit the base to W - L R with it
+    requantize: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # a method's extra tensors to persist
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -142,6 +147,10 @@ class LinearState:
                 kept=kept,
                 nm_m=self.sparsity.m if (self.sparsity and self.sparsity.structured) else 0,
             )
+        if self.quant is not None and self.quant.per_tensor and self.storage is None:
+            parts["scales"] = FP16_BITS
+        for k, v in self.extra_bits.items():
+            parts[k] = parts.get(k, 0) + v
         if self.L is not None:
             parts["adapters"] = adapter_bits(self.L, self.R, self.adapter_bits, self.adapter_group)
         return parts
@@ -185,6 +194,8 @@ class Stage:
     needs: ClassVar[frozenset[str]] = frozenset()
     # representative configurations that the conformance battery (tests/test_stages.py) runs
     examples: ClassVar[tuple[dict, ...]] = ()
+    # stages the battery runs first, for a stage that works on an earlier stage's result
+    battery_prelude: ClassVar[tuple[dict, ...]] = ()
     quantizes: ClassVar[bool] = False
     prunes: ClassVar[bool] = False
 

@@ -36,7 +36,12 @@ class GPTQ(SweepFields, QuantFields, Stage):
     def apply(self, state: LinearState, stats: LinearStats) -> LinearState:
         spec = self.quant_spec()
         inv = stats.inverse(self.percdamp, self.actorder, state.name)
-        res = obs_sweep(state.weight, inv, quant=spec, mask=state.mask, blocksize=self.blocksize)
-        state.weight, state.quant, state.scale, state.zero = res.W, spec, res.scale, res.zero
+
+        def requantize(target, mask):
+            res = obs_sweep(target, inv, quant=spec, mask=mask, blocksize=self.blocksize)
+            return res.W, res.scale, res.zero
+
+        state.weight, state.scale, state.zero = requantize(state.weight, state.mask)
+        state.quant, state.requantize = spec, requantize
         state.notes["damp"] = inv.damp
         return state

@@ -100,6 +100,11 @@ class SparseGPT(SweepFields, PruneFields, Stage):
         res = obs_sweep(state.weight, inv, quant=spec, sparsity=pattern, blocksize=self.blocksize)
         state.weight, state.mask, state.sparsity = res.W, res.keep, pattern
         if spec is not None:
+            def requantize(target, mask):  # GPTQ on a fixed mask
+                r = obs_sweep(target, inv, quant=spec, mask=mask, blocksize=self.blocksize)
+                return r.W, r.scale, r.zero
+
             state.quant, state.scale, state.zero = spec, res.scale, res.zero
+            state.requantize = requantize
         state.notes["damp"] = inv.damp
         return state

@@ -19,10 +19,13 @@ class RTN(QuantFields, Stage):
 
     def apply(self, state: LinearState, stats) -> LinearState:
         spec = self.quant_spec()
-        W = state.weight if state.mask is None else state.weight * state.mask
-        scale, zero = fit(W, spec)
-        Wq = fake_quantize_matrix(W, scale, zero, spec)
-        if state.mask is not None:
-            Wq = Wq * state.mask
-        state.weight, state.quant, state.scale, state.zero = Wq, spec, scale, zero
+
+        def requantize(target, mask):
+            W = target if mask is None else target * mask
+            scale, zero = fit(W, spec)
+            Wq = fake_quantize_matrix(W, scale, zero, spec)
+            return (Wq if mask is None else Wq * mask), scale, zero
+
+        state.weight, state.scale, state.zero = requantize(state.weight, state.mask)
+        state.quant, state.requantize = spec, requantize
         return state

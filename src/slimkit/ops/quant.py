@@ -27,6 +27,7 @@ class QuantSpec:
     group_size: int | None = None  # None: per output channel
     symmetric: bool = False
     clip_search: bool = False  # search a per-row shrink of the range (GPTQ's "mse" grid)
+    per_tensor: bool = False  # one scale for the whole matrix (stored per row, counted once)
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
@@ -48,7 +49,7 @@ class QuantSpec:
         return self.group_size or in_features
 
     def describe(self) -> str:
-        g = f"g{self.group_size}" if self.group_size else "per-channel"
+        g = "per-tensor" if self.per_tensor else f"g{self.group_size}" if self.group_size else "per-channel"
         return f"W{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
 
 
