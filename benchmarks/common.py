@@ -44,9 +44,10 @@ def compress_run(recipe: str, tag: str | None = None, extra: list[str] = (), fre
 
 def row(label: str, r: dict) -> dict:
     ev, comp = r["eval"], r["compression"]
+    seconds = comp["timings"]["total"] + (r.get("finetune") or {}).get("seconds", 0.0)
     return {"label": label, "ppl": ev["ppl"], "kl": ev["kl"], "bpw": comp["bits_per_weight"],
-            "time": comp["timings"]["total"], "rss": r["peak_rss_compress_mb"], "dense_ppl": ev["ref_ppl"],
-            "command": r["command"], "timings": comp["timings"]}
+            "time": seconds, "rss": r["peak_rss_compress_mb"], "dense_ppl": ev["ref_ppl"],
+            "command": r["command"], "timings": comp["timings"], "finetune": r.get("finetune")}
 
 
 def table(rows: list[dict]) -> str:

@@ -1,0 +1,76 @@
+"""SLiM against its baselines on the embedded default model -> the "slim" section of docs/results.md,
+mirroring Tables 10 and 11 of the SLiM paper (2:4 + W4 and 50% unstructured + W4).
+
+    python benchmarks/slim.py                 # both sparsity settings, reusing finished runs
+    python benchmarks/slim.py --only 2:4      # one setting
+    python benchmarks/slim.py --fresh         # recompute
+
+Same calibration/evaluation protocol as benchmarks/core.py (128 x 512 calibration tokens, seed 0;
+16,384 held-out tokens). "Gap closed" is (ppl_SparseGPT+GPTQ - ppl) / (ppl_SparseGPT+GPTQ - ppl_dense).
+"""
+from __future__ import annotations
+
+import argparse
+
+from common import compress_run, machine, row, table, write_section
+
+SETTINGS = {
+    "2:4": [
+        ("SparseGPT + GPTQ (W4 g128 sym)", "sparsegpt-gptq"),
+        ("Wanda + group AbsMax (W4 g128 sym)", "wanda-absmax"),
+        ("Naive-LoRA + SLiM-Quant", "naive-lora"),
+        ("SLiM-LoRA (fp16 adapters)", "slim-lora"),
+        ("SLiM-LoRA^Q (recipe `slim`)", "slim"),
+        ("SLiM-LoRA^Q + FT", "slim-ft"),
+        ("slimkit SLiM+ (SparseGPT+GPTQ base, Hessian-weighted LoRA^Q)", "slim-plus"),
+    ],
+    "50%": [
+        ("SparseGPT + GPTQ (W4 g128 sym)", "sparsegpt-gptq-unstructured"),
+        ("Wanda + group AbsMax (W4 g128 sym)", "wanda-absmax-unstructured"),
+        ("Naive-LoRA + SLiM-Quant", "naive-lora-unstructured"),
+        ("SLiM-LoRA (fp16 adapters)", "slim-lora-unstructured"),
+        ("SLiM-LoRA^Q (recipe `slim-unstructured`)", "slim-unstructured"),
+        ("SLiM-LoRA^Q + FT", "slim-unstructured-ft"),
+        ("slimkit SLiM+ (SparseGPT+GPTQ base, Hessian-weighted LoRA^Q)", "slim-plus-unstructured"),
+    ],
+}
+
+
+def gap_table(rows: list[dict], dense_ppl: float) -> str:
+    base = rows[0]["ppl"]
+    lines = ["| method | ppl | KL | bits/weight | time (s) | peak RSS (MiB) | gap closed |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gap = (base - r["ppl"]) / (base - dense_ppl) if base != dense_ppl else float("nan")
+        lines.append(f"| {r['label']} | {r['ppl']:.2f} | {r['kl']:.4f} | {r['bpw']:.3f} | {r['time']:.0f} | "
+                     f"{r['rss']:.0f} | {gap:+.2f} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--only", choices=list(SETTINGS))
+    args = ap.parse_args()
+    body = ["## SLiM and its baselines (issue 3)", "",
+            "Mirrors the SLiM paper's Tables 10 (2:4 + 4-bit) and 11 (50% unstructured + 4-bit) on the default "
+            "model. Bits/weight include everything stored: codes, scales, sparsity metadata and the adapters "
+            "(fp16, or 4-bit codes + fp16 scale per 128 entries). Time includes adapter fine-tuning where "
+            f"listed. Machine: {machine()}.", "",
+            "Regenerate: `python benchmarks/slim.py --fresh`.", ""]
+    for setting, configs in SETTINGS.items():
+        if args.only and setting != args.only:
+            continue
+        rows = [row(label, compress_run(recipe, fresh=args.fresh)) for label, recipe in configs]
+        dense = rows[0]["dense_ppl"]
+        body += [f"### {setting} sparsity + 4-bit weights (dense ppl {dense:.2f})", "", gap_table(rows, dense), ""]
+        ft = [r for r in rows if r["finetune"]]
+        for r in ft:
+            loss = r["finetune"]["loss"]
+            body += [f"Fine-tuning ({r['label']}): {len(loss)} steps, {r['finetune']['seconds']:.0f} s, "
+                     f"training loss {loss[0]:.3f} -> {sum(loss[-5:]) / min(5, len(loss)):.3f} (mean of the last 5).", ""]
+        body += ["Commands:", ""] + [f"- {r['label']}: `{r['command']}`" for r in rows] + [""]
+    write_section("slim", "\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
