@@ -1,4 +1,4 @@
-"""Command line: slimkit compress | eval | recipes."""
+"""Command line: slimkit compress | eval | recipes | export | info | generate."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=_positive(int), default=16384)
 
     sub.add_parser("recipes", help="list the built-in recipes", parents=[common])
+
+    x = sub.add_parser("export", help="write a compressed folder as compressed-tensors, PEFT or native", parents=[common])
+    x.add_argument("dir", help="a `slimkit compress` output folder")
+    x.add_argument("--format", required=True, choices=["compressed-tensors", "peft", "native"])
+    x.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    x.add_argument("--dense-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="native: dtype of the uncompressed tensors (auto: the narrowest that is exact)")
+
+    i = sub.add_parser("info", help="what a folder stores: bits/weight by part, size vs fp16", parents=[common])
+    i.add_argument("dir")
+
+    g = sub.add_parser("generate", help="greedy text from a (packed) folder, for a quick look", parents=[common])
+    g.add_argument("dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=_positive(int), default=40)
+    g.add_argument("--mode", default="auto", choices=["auto", "kernel", "dequant"],
+                   help="packed runtime: kernels for decode (auto), always kernels, or exact fp32 dequantization")
     return p
 
 
@@ -101,6 +118,25 @@ def run(argv=None) -> int:
         if r.get("kl") is not None:
             rows += [("reference perplexity", f"{r['ref_ppl']:.3f}"), ("KL(reference || model)", f"{r['kl']:.4f}")]
         print(_table(rows))
+        return 0
+
+    if args.cmd == "export":
+        from .export import export
+        out = export(args.dir, args.format, args.out, dense_dtype=args.dense_dtype)
+        print(f"wrote {out} ({args.format})")
+        return 0
+
+    if args.cmd == "info":
+        from .export.info import folder_info, info_rows
+        print(_table(info_rows(folder_info(args.dir))))
+        return 0
+
+    if args.cmd == "generate":
+        from .pack.generate import generate
+        r = generate(args.dir, args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode)
+        print(r["text"])
+        print(f"\n[{r['new_tokens']} tokens, {r['tokens_per_s']:.1f} tokens/s decode, load {r['load_s']:.1f} s]",
+              file=sys.stderr)
         return 0
     return 2
 

@@ -1,0 +1,39 @@
+"""Exports of a slimkit folder: compressed-tensors, PEFT adapters + base, and the native packed format."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..api import atomic_dir, check_output_dir
+from ..pack.native import write_native
+from ..pack.source import PackError
+from .compressed_tensors import write_compressed_tensors
+from .info import folder_info
+from .peft import write_peft
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("compressed-tensors", "peft", "native")
+
+
+def export(src: str | Path, fmt: str, out: str | Path, *, dense_dtype: str = "auto") -> Path:
+    """Write ``src`` (a slimkit compress output) as ``fmt`` into the new folder ``out``; nothing is
+    left behind on failure (built beside ``out`` and renamed at the end)."""
+    if fmt not in FORMATS:
+        raise PackError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
+    src = Path(src).expanduser()
+    if not src.is_dir():
+        raise PackError(f"{str(src)!r} is not a folder")
+    out_path = check_output_dir(out, str(src))
+    with atomic_dir(out_path) as tmp:
+        if fmt == "compressed-tensors":
+            write_compressed_tensors(src, tmp)
+        elif fmt == "peft":
+            write_peft(src, tmp)
+        else:
+            write_native(src, tmp, dense_dtype=dense_dtype)
+    log.info("wrote %s (%s)", out_path, fmt)
+    return out_path
+
+
+__all__ = ["FORMATS", "export", "folder_info"]
