@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
 
 from .errors import SlimkitError
@@ -141,7 +142,16 @@ def run(argv=None) -> int:
     return 2
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that partial outputs are cleaned up on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
 def main(argv=None) -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = run(argv)
     except SlimkitError as e:
@@ -150,6 +160,9 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         print("slimkit: interrupted", file=sys.stderr)
         code = 130
+    except _Terminated:
+        print("slimkit: terminated", file=sys.stderr)
+        code = 143
     except Exception as e:  # never a traceback for the user, unless asked
         if os.environ.get("SLIMKIT_DEBUG"):
             raise
