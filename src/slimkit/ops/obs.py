@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from ..errors import NumericalError, RecipeError
 from .masks import Sparsity, nm_mask
-from .quant import QuantSpec, fake_quantize, fit, fit_group
+from .quant import QuantSpec, fake_quantize, fit, fit_group, group_slices
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,16 @@ class SweepResult:
     keep: torch.Tensor | None  # (out, in) bool keep-mask, when anything was pruned
     scale: torch.Tensor | None  # (out, G) grid of every (row, group), when quantized
     zero: torch.Tensor | None
+    inputs: torch.Tensor | None = None  # (out, in) each column as it was just before rounding (record_inputs)
+
+
+class GroupGrid(Protocol):
+    """A per-group quantizer for obs_sweep (e.g. mixed bit-widths): ``fit`` gets a group's
+    columns (out, width) as the sweep reaches them, ``fake_quantize`` one column (out,)."""
+
+    def fit(self, gi: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def fake_quantize(self, gi: int, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor: ...
 
 
 def _block_size(blocksize: int, quant: QuantSpec | None, sparsity: Sparsity | None, k: int) -> int:
@@ -79,12 +90,18 @@ def _block_size(blocksize: int, quant: QuantSpec | None, sparsity: Sparsity | No
 
 def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None = None,
               sparsity: Sparsity | None = None, mask: torch.Tensor | None = None,
-              blocksize: int = 128) -> SweepResult:
+              blocksize: int = 128, grid: GroupGrid | None = None, record_inputs: bool = False) -> SweepResult:
     """Prune (``sparsity``, chosen inside the sweep as SparseGPT does), keep an existing ``mask``,
     and/or quantize (``quant``, groups fitted as the sweep reaches them; with act-order the
-    groups are fitted up front on the natural column order) W (out, in)."""
+    groups are fitted up front on the natural column order) W (out, in). ``grid`` replaces the
+    uniform grid of ``quant`` group by group (``quant`` then only gives the group layout);
+    ``record_inputs`` returns every column as it was just before it was rounded."""
     if quant is None and sparsity is None:
         raise RecipeError("an OBS sweep needs a quantizer, a sparsity target or both")
+    if grid is not None and quant is None:
+        raise RecipeError("a per-group grid needs a QuantSpec for its group layout")
+    fit_one = grid.fit if grid is not None else (lambda gi, w: fit_group(w, quant))
+    fq = grid.fake_quantize if grid is not None else (lambda gi, w, s, z: fake_quantize(w, s, z, quant.bits))
     if sparsity is not None and mask is not None:
         raise RecipeError("a layer that is already pruned cannot be pruned again")
     W = W.detach().to(torch.float32).clone()
@@ -106,8 +123,12 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
         G = quant.ngroups(k)
         g = quant.group_width(k)
         col_group = torch.arange(k) // g  # group of every natural column
-        if perm is not None or G == 1:
+        if (perm is not None or G == 1) and grid is None:
             scale, zero = fit(W * keep if keep is not None else W, quant)
+        elif perm is not None or G == 1:
+            Wk = W * keep if keep is not None else W
+            pairs = [grid.fit(gi, Wk[:, sl]) for gi, sl in enumerate(group_slices(k, quant.group_size))]
+            scale, zero = torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
         else:
             dynamic = True
             scale = torch.zeros(out, G)
@@ -119,6 +140,7 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
         col_group = col_group[perm] if col_group is not None else None
 
     Hinv = inv.Hinv
+    W_in = torch.zeros_like(W) if record_inputs else None
     bs = _block_size(blocksize, quant, sparsity, k)
     g = quant.group_width(k) if quant is not None else k
     for i1 in range(0, k, bs):
@@ -148,13 +170,15 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
                     blk = W1[:, j:j + g]
                     if keep1 is not None:
                         blk = blk * keep1[:, j:j + g]
-                    scale[:, gi], zero[:, gi] = fit_group(blk, quant)
-                q = fake_quantize(w, scale[:, gi], zero[:, gi], quant.bits)
+                    scale[:, gi], zero[:, gi] = fit_one(gi, blk)
+                q = fq(gi, w, scale[:, gi], zero[:, gi])
             else:
                 q = w.clone()
             if keep1 is not None:
                 q = q * keep1[:, j]
             Q1[:, j] = q
+            if W_in is not None:
+                W_in[:, col] = w
             err = (w - q) / d1[j]
             W1[:, j:] -= err[:, None] * Hinv1[j, j:][None, :]
             Err1[:, j] = err
@@ -168,6 +192,8 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
         W = W[:, inv_perm]
         if keep is not None:
             keep = keep[:, inv_perm]
+        if W_in is not None:
+            W_in = W_in[:, inv_perm]
     if not torch.isfinite(W).all():
         raise NumericalError("the OBS sweep produced NaN/Inf weights")
-    return SweepResult(W, keep, scale, zero)
+    return SweepResult(W, keep, scale, zero, W_in)
