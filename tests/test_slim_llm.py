@@ -39,14 +39,14 @@ def out_err(W, Wq, X):
 
 
 def test_both_stages_join_the_conformance_battery():
-    for name in ("slim-llm", "slim-llm-plus"):
+    for name in ("slim_llm", "slim_llm_plus"):
         assert STAGES[name].examples and STAGES[name].quantizes
 
 
 @pytest.mark.parametrize("bits,group,n_in", [(2, 32, 144), (3, 32, 144), (2, 16, 256), (3, 128, 576), (2, 64, 576)])
 def test_allocation_average_equals_budget_exactly(bits, group, n_in):
     W, X, stats = layer(24, n_in, seed=bits + group)
-    s = run({"method": "slim-llm", "bits": bits, "group_size": group, "clip_steps": 5}, W, stats)
+    s = run({"method": "slim_llm", "bits": bits, "group_size": group, "clip_steps": 5}, W, stats)
     gb = s.tensors["group_bits"].to(torch.int64)
     w = widths(n_in, group)
     assert gb.shape == (len(w),) and s.tensors["group_bits"].dtype == torch.uint8
@@ -111,7 +111,7 @@ def test_sqc_is_no_worse_than_minmax_on_every_group(bits, lam):
 
 def test_binarized_groups_follow_the_spec():
     W, X, stats = layer(32, 128, seed=5)
-    s = run({"method": "slim-llm", "bits": 2, "group_size": 32, "clip_steps": 5}, W, stats)
+    s = run({"method": "slim_llm", "bits": 2, "group_size": 32, "clip_steps": 5}, W, stats)
     one = [gi for gi, b in enumerate(s.tensors["group_bits"].tolist()) if b == 1]
     assert one
     for gi in one:
@@ -119,8 +119,8 @@ def test_binarized_groups_follow_the_spec():
         assert all(len(torch.unique(r)) <= 2 for r in w)  # two levels per row: m - a, m + a
 
 
-@pytest.mark.parametrize("cfg", [{"method": "slim-llm", "bits": 2, "group_size": 32},
-                                 {"method": "slim-llm-plus", "bits": 3, "group_size": 48, "start": "original"}])
+@pytest.mark.parametrize("cfg", [{"method": "slim_llm", "bits": 2, "group_size": 32},
+                                 {"method": "slim_llm_plus", "bits": 3, "group_size": 48, "start": "original"}])
 def test_bit_maps_round_trip_through_save_and_load(cfg, tmp_path):
     W, X, stats = layer(40, 144, seed=7)
     s = run({**cfg, "clip_steps": 11}, W, stats)
@@ -144,7 +144,7 @@ def test_bit_maps_round_trip_through_save_and_load(cfg, tmp_path):
 
 def test_storage_counts_every_bit():
     W, X, stats = layer(40, 144, seed=3)
-    s = run({"method": "slim-llm", "bits": 2, "group_size": 32, "clip_steps": 5}, W, stats)
+    s = run({"method": "slim_llm", "bits": 2, "group_size": 32, "clip_steps": 5}, W, stats)
     gb = s.tensors["group_bits"].long()
     b = s.bits()
     assert b["values"] == 40 * 144 * 2
@@ -153,7 +153,7 @@ def test_storage_counts_every_bit():
     assert b["bitmap"] == 5 * 8
     # with a 2:4 mask only kept codes count, plus the 2-bit positions
     p = run({"method": "wanda", "sparsity": "2:4"}, W, stats)
-    p = run({"method": "slim-llm", "bits": 2, "group_size": 32, "clip_steps": 5}, W, stats, state=p)
+    p = run({"method": "slim_llm", "bits": 2, "group_size": 32, "clip_steps": 5}, W, stats, state=p)
     assert p.bits()["values"] == 40 * 144 // 2 * 2 and p.bits()["mask"] == 40 * 144 // 2 * 2
 
 
@@ -161,7 +161,7 @@ def test_storage_counts_every_bit():
 def test_slim_llm_beats_gptq_at_2_bits(group):
     W, X, stats = layer(64, 256, seed=11, tokens=4096)
     W = W * torch.exp(0.7 * torch.randn(256, generator=torch.Generator().manual_seed(1)))  # uneven columns
-    sl = run({"method": "slim-llm", "bits": 2, "group_size": group}, W, stats)
+    sl = run({"method": "slim_llm", "bits": 2, "group_size": group}, W, stats)
     gp = run({"method": "gptq", "bits": 2, "group_size": group}, W, stats)
     e_sl, e_gp = out_err(W, sl.weight, X), out_err(W, gp.weight, X)
     assert e_sl < 0.95 * e_gp, (e_sl, e_gp)
@@ -170,12 +170,12 @@ def test_slim_llm_beats_gptq_at_2_bits(group):
 @pytest.mark.parametrize("cfg,msg", [
     ({"bits": 1}, "bits"), ({"bits": 8}, "bits"), ({"group_size": None}, "group_size"),
     ({"group_size": 1}, "group_size"), ({"salient_weight": 0}, "salient_weight"), ({"clip_span": 1.5}, "clip_span"),
-    ({"method": "slim-llm-plus", "start": "x"}, "start"), ({"method": "slim-llm-plus", "lr": 0}, "lr"),
-    ({"method": "slim-llm-plus", "batch": 0}, "batch"), ({"percdamp": -1}, "percdamp"),
+    ({"method": "slim_llm_plus", "start": "x"}, "start"), ({"method": "slim_llm_plus", "lr": 0}, "lr"),
+    ({"method": "slim_llm_plus", "batch": 0}, "batch"), ({"percdamp": -1}, "percdamp"),
 ])
 def test_bad_configs(cfg, msg):
     with pytest.raises(RecipeError, match=msg):
-        build_stage({"method": "slim-llm", **cfg})
+        build_stage({"method": "slim_llm", **cfg})
 
 
 # --- SliM-LLM+ on a real (tiny) block, through the engine ---
@@ -198,8 +198,8 @@ def compress_tiny(path, stage):
 
 def test_slim_llm_plus_training_lowers_block_error(tiny_llama):
     base = {"bits": 2, "group_size": 32, "clip_steps": 11}
-    r0, _ = compress_tiny(tiny_llama, {"method": "slim-llm", **base})
-    r1, states = compress_tiny(tiny_llama, {"method": "slim-llm-plus", **base, "lr": 0.05, "epochs": 4,
+    r0, _ = compress_tiny(tiny_llama, {"method": "slim_llm", **base})
+    r1, states = compress_tiny(tiny_llama, {"method": "slim_llm_plus", **base, "lr": 0.05, "epochs": 4,
                                             "train_samples": 8, "batch": 4})
     before, after = next(iter(states.values())).notes["lwc_mse"]
     assert after < before  # the clipping learned something, and it was kept
@@ -215,7 +215,7 @@ def test_slim_llm_plus_training_lowers_block_error(tiny_llama):
 def test_slim_llm_plus_from_original_weights_learns(tiny_llama):
     # the paper's start (clipping of the original weights' min-max range, no GPTQ) leaves the
     # training more to do; a larger lr than the default lets a few steps show it
-    _, states = compress_tiny(tiny_llama, {"method": "slim-llm-plus", "bits": 2, "group_size": 32, "start": "original",
+    _, states = compress_tiny(tiny_llama, {"method": "slim_llm_plus", "bits": 2, "group_size": 32, "start": "original",
                                            "epochs": 4, "train_samples": 8, "batch": 2, "lr": 0.2})
     mse = {tuple(s.notes["lwc_mse"]) for s in states.values()}  # one pair per block
     assert len(mse) == 2

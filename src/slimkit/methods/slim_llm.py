@@ -40,7 +40,7 @@ def _int(v) -> bool:
 class SliMLLM(SweepFields, Stage):
     """SBA bit map + SQC grids inside the GPTQ sweep (no act-order)."""
 
-    name = "slim-llm"
+    name = "slim_llm"
     needs = frozenset({HESSIAN, INPUT_SAMPLE})
     quantizes = True
     examples = ({"bits": 2, "group_size": 32}, {"bits": 3, "group_size": 48})
@@ -151,7 +151,7 @@ class SliMLLMPlus(SliMLLM):
     Trained on the first ``train_samples`` calibration sequences, ``batch`` per step, ``epochs``
     passes; the trained clipping is kept only if it lowers the block output MSE on them."""
 
-    name = "slim-llm-plus"
+    name = "slim_llm_plus"
     examples = ({"bits": 2, "group_size": 32}, {"bits": 2, "group_size": 48, "start": "original"})
     start: str = "gptq"
     lr: float = 1e-2
