@@ -20,6 +20,14 @@ def test_every_stage_declares_examples():
     assert all(cls.examples for cls in STAGES.values())
 
 
+@pytest.mark.parametrize("method,cfg", [c for c in CASES if not STAGES[c[0]].accepts_mask])
+def test_mask_refusers_say_so(method, cfg):
+    W, X, stats = layer()
+    s = run({"method": "magnitude", "sparsity": "2:4"}, W, stats)
+    with pytest.raises(RecipeError):
+        run({"method": method, **cfg}, W, stats, state=s)
+
+
 def layer(seed=0):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(OUT, IN, generator=g)
@@ -68,7 +76,7 @@ def test_pruners_meet_their_pattern(method, cfg):
 
 
 @pytest.mark.parametrize("method,cfg", [c for c in CASES if build_stage({"method": c[0], **c[1]}).quantizes and
-                                        not STAGES[c[0]].prunes])
+                                        not STAGES[c[0]].prunes and STAGES[c[0]].accepts_mask])
 @pytest.mark.parametrize("pruner", ["magnitude", "wanda"])
 def test_quantizers_keep_an_existing_mask(method, cfg, pruner):
     W, X, stats = layer()
@@ -80,7 +88,8 @@ def test_quantizers_keep_an_existing_mask(method, cfg, pruner):
     assert is_nm(s.weight != 0, 2, 4)
 
 
-@pytest.mark.parametrize("method,cfg", [c for c in CASES if build_stage({"method": c[0], **c[1]}).quantizes])
+@pytest.mark.parametrize("method,cfg", [c for c in CASES if build_stage({"method": c[0], **c[1]}).quantizes
+                                        and STAGES[c[0]].uniform_grid])
 def test_quantized_weights_sit_on_their_grid(method, cfg):
     W, X, stats = layer()
     s = run({"method": method, **cfg}, W, stats)

@@ -198,6 +198,8 @@ class Stage:
     battery_prelude: ClassVar[tuple[dict, ...]] = ()
     quantizes: ClassVar[bool] = False
     prunes: ClassVar[bool] = False
+    uniform_grid: ClassVar[bool] = True  # a quantizing stage that leaves a uniform grid in state.quant
+    accepts_mask: ClassVar[bool] = True  # can run on an already pruned layer and keep its mask
 
     def apply(self, state: LinearState, stats: LinearStats | None) -> LinearState:
         raise NotImplementedError
