@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import compress_run, machine, row, table, write_section
+from common import compress_run, machine, row, write_section
 
 SETTINGS = {
     "2:4": [

@@ -173,7 +173,6 @@ def test_saved_model_reproduces_logits(tiny_llama, text_file, tmp_path):
 
 def test_sigterm_leaves_no_partial_output(tiny_llama, text_file, tmp_path):
     """A terminated run removes its temporary folder and never creates --out."""
-    import os
     import signal
     import time
     out = tmp_path / "out"

@@ -8,7 +8,6 @@ and match to 2% of the logits' range.
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -19,3 +19,11 @@ class ModelError(SlimkitError):
 
 class NumericalError(SlimkitError):
     """NaN/Inf or a factorisation that cannot be repaired."""
+
+
+def require_positive_ints(obj, keys, prefix: str = "") -> None:
+    """RecipeError unless every attribute ``keys`` of a config dataclass is a positive integer."""
+    for key in keys:
+        v = getattr(obj, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise RecipeError(f"{prefix}{key} must be a positive integer, got {v!r}")

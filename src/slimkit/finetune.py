@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import NumericalError, RecipeError
+from .errors import NumericalError, RecipeError, require_positive_ints
 from .ops.lowrank import absmax_quantize
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,7 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for key in ("steps", "batch_size"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise RecipeError(f"finetune.{key} must be a positive integer, got {v!r}")
+        require_positive_ints(self, ("steps", "batch_size"), prefix="finetune.")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise RecipeError(f"finetune.warmup must be a non-negative integer, got {self.warmup!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):

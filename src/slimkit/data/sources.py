@@ -100,7 +100,6 @@ def _text_of(obj, path: Path, i: int) -> str:
 
 def _hf_documents(name: str, purpose: str) -> list[str]:
     try:
-        import datasets  # noqa: F401
         from datasets import load_dataset
     except ImportError:
         raise DataError(f"source {name!r} needs the 'datasets' package (pip install datasets)") from None

@@ -13,7 +13,6 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from ..pack.native import COPY_FILES

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import RecipeError
+from ..errors import RecipeError, require_positive_ints
 from ..ops.decoder import DecoderConfig, fit_decoder, latent_dim
 from ..ops.vq import VQConfig, VectorQuantizer, estimate_error, greedy_permutation, lowrank, lq_alternate
 from .base import ACT_NORM, BlockContext, LinearState, LinearStats, Stage, register
@@ -74,11 +74,8 @@ class ReALLM(Stage):
         self.ranks = list(_int_tuple("ranks", self.ranks, 0))
         self.vector_dims = list(_int_tuple("vector_dims", self.vector_dims, 1))
         self.block_sizes = list(_int_tuple("block_sizes", self.block_sizes, 1))
-        for key in ("max_code_bits", "scale_group", "iters", "kmeans_iters", "kmeans_sample", "ft_steps",
-                    "ft_sequences"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise RecipeError(f"{key} must be a positive integer, got {v!r}")
+        require_positive_ints(self, ("max_code_bits", "scale_group", "iters", "kmeans_iters", "kmeans_sample",
+                                     "ft_steps", "ft_sequences"))
         if self.max_code_bits > 12:
             raise RecipeError(f"max_code_bits must be at most 12 (4096 centroids), got {self.max_code_bits}")
         if not any(b % d == 0 for b in self.block_sizes for d in self.vector_dims):

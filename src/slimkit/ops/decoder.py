@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import RecipeError
+from ..errors import RecipeError, require_positive_ints
 from .vq import FP16, pack_bits, packed_bytes, unpack_bits
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,7 @@ class DecoderConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for key in ("tile", "latent_bits", "hidden", "steps"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise RecipeError(f"decoder {key} must be a positive integer, got {v!r}")
+        require_positive_ints(self, ("tile", "latent_bits", "hidden", "steps"), prefix="decoder ")
         if self.latent_bits > 8:
             raise RecipeError(f"decoder latent_bits must be at most 8, got {self.latent_bits}")
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import RecipeError
+from ..errors import RecipeError, require_positive_ints
 
 SCALE_BITS = 8
 FP16, FP32 = 16, 32
@@ -33,10 +33,7 @@ class VQConfig:
     scale_group: int = 256  # block scales per fp32 maximum (double quantization)
 
     def __post_init__(self):
-        for key in ("d", "code_bits", "block", "scale_group"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise RecipeError(f"{key} must be a positive integer, got {v!r}")
+        require_positive_ints(self, ("d", "code_bits", "block", "scale_group"))
         if self.code_bits > 16:
             raise RecipeError(f"code_bits must be at most 16, got {self.code_bits}")
         if self.block % self.d:
