@@ -17,6 +17,10 @@ RESULTS = ROOT / "docs" / "results.md"
 SLIMKIT = [sys.executable, "-m", "slimkit"]
 
 
+def finished(recipe: str, tag: str | None = None) -> bool:
+    return (RUNS / f"{tag or recipe.replace('/', '_')}.report.json").is_file()
+
+
 def compress_run(recipe: str, tag: str | None = None, extra: list[str] = (), fresh: bool = False,
                  keep_model: bool = False) -> dict:
     """Run one compression (unless its report exists) and return the report with the command."""
