@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = ROOT / "benchmarks" / "runs"
+RUNS = ROOT / "benchmarks" / "runs"  # compressed models and the dense reference cache (not tracked)
+REPORTS = ROOT / "benchmarks" / "reports"  # one report per finished run (tracked: results survive a new machine)
 RESULTS = ROOT / "docs" / "results.md"
 SLIMKIT = [sys.executable, "-m", "slimkit"]
 
 
 def finished(recipe: str, tag: str | None = None) -> bool:
-    return (RUNS / f"{tag or recipe.replace('/', '_')}.report.json").is_file()
+    return (REPORTS / f"{tag or recipe.replace('/', '_')}.json").is_file()
 
 
 def compress_run(recipe: str, tag: str | None = None, extra: list[str] = (), fresh: bool = False,
@@ -26,7 +27,7 @@ def compress_run(recipe: str, tag: str | None = None, extra: list[str] = (), fre
     """Run one compression (unless its report exists) and return the report with the command."""
     tag = tag or recipe.replace("/", "_")
     out = RUNS / tag
-    report_path = RUNS / f"{tag}.report.json"
+    report_path = REPORTS / f"{tag}.json"
     args = ["compress", "default", "--recipe", recipe, "--out", str(out.relative_to(ROOT)),
             "--nsamples", "128", "--seqlen", "512", "--seed", "0", "--eval-tokens", "16384",
             "--reference-cache", str((RUNS / "refcache").relative_to(ROOT)), "-q", *extra]
@@ -39,6 +40,7 @@ def compress_run(recipe: str, tag: str | None = None, extra: list[str] = (), fre
     subprocess.run(SLIMKIT + args, cwd=ROOT, check=True)
     report = json.loads((out / "report.json").read_text())
     report["command"] = command
+    REPORTS.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=1))
     if not keep_model:
         for f in out.glob("*.safetensors"):
