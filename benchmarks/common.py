@@ -67,6 +67,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def command_lines(rows: list[dict]) -> list[str]:
+    """The "Commands:" list that closes every section: how to regenerate each row."""
+    return ["Commands:", ""] + [f"- {r['label']}: `{r['command']}`" for r in rows]
+
+
 def machine() -> str:
     import platform
 

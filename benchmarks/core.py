@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import compress_run, finished, machine, row, table, write_section
+from common import command_lines, compress_run, finished, machine, row, table, write_section
 
 CONFIGS = [
     ("RTN W4 per-channel (asym)", "rtn-w4-channel"),
@@ -90,9 +90,7 @@ def main():
         "minimum per group), so 4-bit grids aligned to groups of 32 are artificially easy on it; the rows above "
         "use per-channel grids and groups of 64/128, whose boundaries do not coincide with that structure.",
         "",
-        "Commands:",
-        "",
-    ] + [f"- {r['label']}: `{r['command']}`" for r in rows]
+    ] + command_lines(rows)
     write_section("core", "\n".join(body))
     print(table([dense] + rows))
 

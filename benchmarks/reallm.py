@@ -15,7 +15,7 @@ import argparse
 import math
 from collections import Counter
 
-from common import RUNS, compress_run, machine, row, table, write_section
+from common import RUNS, command_lines, compress_run, machine, row, table, write_section
 
 from slimkit.recipe import builtin_recipes
 
@@ -95,8 +95,8 @@ def main():
     ]
     for budget, rows in sections:
         body += [f"### {budget} bits/weight", "", table([dense] + rows), ""]
-    body += ["ReALLM details:", ""] + details + ["", "Commands:", ""]
-    body += [f"- {r['label']}: `{r['command']}`" for _, rows in sections for r in rows]
+    body += ["ReALLM details:", ""] + details + [""]
+    body += command_lines([r for _, rows in sections for r in rows])
     write_section("reallm", "\n".join(body))
     for budget, rows in sections:
         print(table([dense] + rows))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import compress_run, machine, row, write_section
+from common import command_lines, compress_run, machine, row, write_section
 
 SETTINGS = {
     "2:4": [
@@ -68,7 +68,7 @@ def main():
             loss = r["finetune"]["loss"]
             body += [f"Fine-tuning ({r['label']}): {len(loss)} steps, {r['finetune']['seconds']:.0f} s, "
                      f"training loss {loss[0]:.3f} -> {sum(loss[-5:]) / min(5, len(loss)):.3f} (mean of the last 5).", ""]
-        body += ["Commands:", ""] + [f"- {r['label']}: `{r['command']}`" for r in rows] + [""]
+        body += command_lines(rows) + [""]
     write_section("slim", "\n".join(body))
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import RUNS, compress_run, machine, row, table, write_section
+from common import RUNS, command_lines, compress_run, machine, row, table, write_section
 
 BITS = (2, 3)
 GROUPS = (64, 128)
@@ -106,9 +106,7 @@ def main():
         "",
         *checks,
         "",
-        "Commands:",
-        "",
-    ] + [f"- {r['label']}: `{r['command']}`" for r in rows]
+    ] + command_lines(rows)
     write_section("slim-llm", "\n".join(body))
     print(table([dense] + rows))
 
