@@ -25,12 +25,20 @@ def _positive(kind):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``slimkit: error: ...``) and exit code 2."""
+
+    def error(self, message):
+        sub = self.prog.removeprefix("slimkit").strip()
+        raise SlimkitError(f"{sub}: {message}" if sub else message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p = argparse.ArgumentParser(prog="slimkit", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="slimkit", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compress", help="compress a model with a recipe", parents=[common])
     c.add_argument("model", help="'default' (embedded SmolLM2-135M-Instruct), a HF folder, a .gguf file or a hub id")
@@ -163,6 +171,10 @@ def main(argv=None) -> None:
     except _Terminated:
         print("slimkit: terminated", file=sys.stderr)
         code = 143
+    except OSError as e:  # disk full, permissions, ...: the partial output is already removed
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"slimkit: error: {e.strerror or e}{where}", file=sys.stderr)
+        code = 2
     except Exception as e:  # never a traceback for the user, unless asked
         if os.environ.get("SLIMKIT_DEBUG"):
             raise
