@@ -13,8 +13,11 @@ YAML form::
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,9 +26,51 @@ import yaml
 
 from .errors import RecipeError
 from .finetune import FinetuneConfig
-from .methods import Stage, build_stage
+from .methods import STAGES, Stage, build_stage
 
 RECIPE_KEYS = {"name", "description", "ignore", "stages", "finetune"}
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def _matches(value, tp) -> bool | None:
+    """Whether a YAML value fits a scalar annotation (None: not checked here, e.g. ``list``
+    fields, which stages may also accept as one scalar)."""
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp in (str, type(None)):
+        return isinstance(value, tp)
+    return None
+
+
+def check_stage_types(d) -> None:
+    """RecipeError when a stage value has the wrong YAML type (``bits: four``, ``symmetric: "no"``),
+    named by method and key; ranges and anything else are left to the stage's own checks."""
+    if not isinstance(d, dict) or d.get("method") not in STAGES:
+        return  # build_stage explains
+    cls = STAGES[d["method"]]
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:
+        return
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key, value in d.items():
+        if key not in fields or key not in hints:
+            continue
+        tp = hints[key]
+        options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        verdicts = [_matches(value, t) for t in options]
+        if None in verdicts or any(verdicts):
+            continue
+        want = " or ".join(_TYPE_WORDS[t] for t in options)
+        hint = ""
+        if float in options and isinstance(value, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value.strip()):
+            hint = f" (YAML reads {value} without a dot as a string: write e.g. 1.0e-4)"
+        raise RecipeError(f"method {d['method']!r}: {key} must be {want}, got {value!r}{hint}")
 
 
 @dataclass
@@ -90,7 +135,7 @@ class Recipe:
             ignore = [ignore]
         ft = d.get("finetune")
         return cls(name=str(d.get("name") or default_name), description=str(d.get("description") or ""),
-                   ignore=list(ignore), stages=[build_stage(s) for s in stages],
+                   ignore=list(ignore), stages=[_build(s) for s in stages],
                    finetune=None if ft is None else FinetuneConfig.from_dict(ft))
 
     @classmethod
@@ -107,6 +152,11 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _build(d) -> Stage:
+    check_stage_types(d)
+    return build_stage(d)
 
 
 def _builtin_dir():

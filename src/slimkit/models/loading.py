@@ -121,6 +121,30 @@ def load_tokenizer(spec: str):
         raise ModelError(f"cannot load the tokenizer of {spec!r}: {_first_line(e)}") from None
 
 
+def check_tokenizer_fits(spec: str, model, tok) -> None:
+    """ModelError unless every token id the tokenizer can make from text (its vocabulary except
+    unused special tokens such as padding, plus eos/bos/unk) has a row in the model's embedding."""
+    emb = model.get_input_embeddings()
+    weight = getattr(emb, "weight", None)
+    if weight is None or weight.dim() != 2:
+        return
+    rows = weight.shape[0]
+    try:
+        vocab = tok.get_vocab()
+        special = set(tok.all_special_ids)
+        used = {k: getattr(tok, f"{k}_token_id", None) for k in ("eos", "bos", "unk")}
+    except Exception:  # an exotic tokenizer: nothing to check against
+        return
+    used = {i: k for k, i in used.items() if isinstance(i, int)}
+    ids = {i: t for t, i in vocab.items() if i not in special or i in used}
+    for i, k in used.items():
+        ids.setdefault(i, f"<{k}>")
+    top = max(ids, default=-1)
+    if top >= rows:
+        raise ModelError(f"{spec!r}: the tokenizer does not match the model: token id {top} ({ids[top]!r}) is out of "
+                         f"range of the embedding ({rows} rows); the tokenizer has {len(tok)} tokens")
+
+
 def load_model(spec: str, dtype=torch.float32, with_tokenizer: bool = True):
     """-> (model in eval mode, tokenizer or None, location). Computation stays in fp32 on the CPU."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -144,6 +168,8 @@ def load_model(spec: str, dtype=torch.float32, with_tokenizer: bool = True):
                 tok = AutoTokenizer.from_pretrained(loc)
             except Exception as e:
                 raise ModelError(f"cannot load the tokenizer of {spec!r}: {_first_line(e)}") from None
+    if tok is not None:
+        check_tokenizer_fits(spec, model, tok)
     model.eval()
     model.requires_grad_(False)
     if getattr(model.config, "use_cache", None):
