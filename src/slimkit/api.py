@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import resource
@@ -13,6 +14,7 @@ import torch
 
 from . import __version__
 from .calib import compress_model
+from .calib.checkpoint import Checkpoint, files_digest, tensor_digest
 from .calib.engine import check_recipe_fits
 from .data import calibration_ids, evaluation_ids
 from .errors import SlimkitError
@@ -47,31 +49,56 @@ def check_output_dir(out: str | Path, model_spec: str | None = None) -> Path:
     return out
 
 
+def partial_dir(out: Path) -> Path:
+    """The hidden folder beside ``out`` where a run writes until it is complete."""
+    return out.parent / f".{out.name}.partial"
+
+
 @contextlib.contextmanager
-def atomic_dir(out: Path):
-    """Yield a temporary folder beside ``out``; rename it to ``out`` only if the body succeeds."""
+def atomic_dir(out: Path, *, reuse: bool = False, keep=None):
+    """Yield a temporary folder beside ``out``; rename it to ``out`` only if the body succeeds.
+
+    On failure the folder is removed, unless ``keep()`` says it holds progress worth resuming:
+    it returns None (remove), or a hint for the user ("" to keep it silently), which is attached
+    to the exception as ``slimkit_hint`` so that the CLI prints it on the error's one line. A
+    full disk always removes it (the space is what the user needs back). ``reuse`` continues in
+    an existing temporary folder (``--resume``)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = partial_dir(out)
+    if not (reuse and tmp.is_dir()):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     try:
         yield tmp
         if out.exists():
             out.rmdir()  # empty, checked before
         os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        disk_full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        hint = None if keep is None or disk_full else keep()
+        if hint is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif hint:
+            e.slimkit_hint = hint
         raise
 
 
 def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = "shakespeare",
              nsamples: int = 128, seqlen: int = 512, seed: int = 0, eval_data: str | None = "shakespeare:eval",
              eval_tokens: int = 16384, batch_size: int = 8, progress: bool = True,
-             reference_cache: str | None = None, command: str | None = None) -> dict:
+             reference_cache: str | None = None, command: str | None = None, resume: bool = False) -> dict:
     """Compress ``model`` with ``recipe`` into the Hugging Face folder ``out`` (fake-quantized
-    weights that AutoModelForCausalLM loads) with report.json / report.md; returns the report."""
+    weights that AutoModelForCausalLM loads) with report.json / report.md; returns the report.
+
+    Progress is checkpointed block by block in a hidden folder beside ``out``; after a crash
+    or a kill, the same call with ``resume=True`` continues from the last finished block and
+    writes the same files an uninterrupted run would have."""
     t0 = time.perf_counter()
     out_path = check_output_dir(out, model)
+    partial = partial_dir(out_path)
+    if partial.exists() and not resume:
+        raise SlimkitError(f"an unfinished run of this output is in {str(partial)!r}: pass --resume to "
+                           "continue it, or delete that folder")
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     resolve(model)  # fails fast on a missing path
     torch.manual_seed(seed)
@@ -84,47 +111,83 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
     windows = evaluation_ids(eval_data, tok, seqlen, eval_tokens) if eval_data else None
     t_load = time.perf_counter() - t0
 
-    recorder = StateRecorder()
-    adapters: dict[str, dict] = {}
-
-    def on_layer(state):
-        recorder(state)
-        if rec.finetune is not None and state.L is not None:
-            adapters[state.name] = {"weight": state.weight, "L": state.L, "R": state.R,
-                                    "bits": state.adapter_bits, "group": state.adapter_group}
-
-    result = compress_model(m, layout, rec, ids, batch_size=batch_size, progress=progress, on_layer=on_layer)
-    finetune_report = None
-    if rec.finetune is not None:
-        ft = finetune_adapters(m, adapters, ids, rec.finetune, progress=progress)
-        for name, a in ft.pop("adapters").items():
-            recorder.tensors[f"{name}.L"], recorder.tensors[f"{name}.R"] = a["L"], a["R"]
-        finetune_report = ft
-        adapters.clear()
-    rss_compress = peak_rss_mb()
-    report = {
-        "slimkit_version": __version__, "model": model, "model_location": location,
-        "model_type": layout.model_type, "recipe": rec.to_dict(),
+    records = _Records(keep_adapters=rec.finetune is not None)
+    fingerprint = {
+        "model": str(location), "model_files": files_digest(location), "recipe": rec.to_dict(),
         "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
-        "compression": result.to_dict(), "load_seconds": t_load,
-        "compressed_params": sum(l.numel for l in result.layers),
-        "peak_rss_compress_mb": rss_compress, "command": command,
+        "calibration_tokens": tensor_digest(ids), "batch_size": batch_size,
+        "versions": {"slimkit": __version__, "torch": torch.__version__},
     }
-    if finetune_report is not None:
-        report["finetune"] = finetune_report
-    with atomic_dir(out_path) as tmp:
+    ckpt = Checkpoint(partial / "checkpoint", fingerprint)
+    with atomic_dir(out_path, reuse=resume, keep=ckpt.keep_message) as tmp:
+        resumed_from = ckpt.open(resume)
+        result = compress_model(m, layout, rec, ids, batch_size=batch_size, progress=progress,
+                                on_layer=records.on_layer, checkpoint=ckpt, on_block=records.on_block,
+                                on_restore=records.on_restore)
+        finetune_report = None
+        if rec.finetune is not None:
+            ft = finetune_adapters(m, records.adapters, ids, rec.finetune, progress=progress)
+            for name, a in ft.pop("adapters").items():
+                records.state.tensors[f"{name}.L"], records.state.tensors[f"{name}.R"] = a["L"], a["R"]
+            finetune_report = ft
+            records.adapters.clear()
+        report = {
+            "slimkit_version": __version__, "model": model, "model_location": location,
+            "model_type": layout.model_type, "recipe": rec.to_dict(),
+            "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+            "compression": result.to_dict(), "load_seconds": t_load,
+            "compressed_params": sum(l.numel for l in result.layers),
+            "peak_rss_compress_mb": peak_rss_mb(), "command": command, "resumed_from_block": resumed_from,
+        }
+        if finetune_report is not None:
+            report["finetune"] = finetune_report
         t = time.perf_counter()
         m.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        recorder.save(tmp, {"format": "slimkit-fakequant", "version": 1, "slimkit_version": __version__,
-                            "recipe": rec.to_dict(), "source_model": model, "model_type": layout.model_type})
+        records.state.save(tmp, {"format": "slimkit-fakequant", "version": 1, "slimkit_version": __version__,
+                                 "recipe": rec.to_dict(), "source_model": model, "model_type": layout.model_type})
         report["save_seconds"] = time.perf_counter() - t
         if windows is not None:
             report["eval"] = evaluate_against_dense(m, model, windows, progress=progress,
                                                     reference_cache=reference_cache) | {"source": eval_data}
         report["peak_rss_total_mb"] = peak_rss_mb()
         write_report(report, tmp)
+        ckpt.remove()
     return report
+
+
+class _Records:
+    """What a run keeps of every compressed Linear: its state record (grids, masks, adapters)
+    and, when the recipe fine-tunes, the adapters with their base weight; and how that goes
+    into and comes back out of a checkpoint."""
+
+    def __init__(self, keep_adapters: bool):
+        self.state = StateRecorder()
+        self.keep_adapters = keep_adapters
+        self.adapters: dict[str, dict] = {}
+
+    def on_layer(self, state) -> None:
+        self.state(state)
+        if self.keep_adapters and state.L is not None:
+            self.adapters[state.name] = {"weight": state.weight, "L": state.L, "R": state.R,
+                                         "bits": state.adapter_bits, "group": state.adapter_group}
+
+    def on_block(self, index: int) -> tuple[dict, dict]:
+        tensors, layers = self.state.take_new()
+        meta = {"layers": layers, "adapters": {}}
+        for name in layers:
+            if name in self.adapters:
+                a = self.adapters[name]
+                meta["adapters"][name] = {"bits": a["bits"], "group": a["group"]}
+                tensors[f"finetune::{name}::weight"] = a["weight"]  # L and R are in the state record
+        return tensors, meta
+
+    def on_restore(self, tensors: dict, meta: dict) -> None:
+        for name, a in meta["adapters"].items():
+            self.adapters[name] = {"weight": tensors.pop(f"finetune::{name}::weight"), "L": tensors[f"{name}.L"],
+                                   "R": tensors[f"{name}.R"]} | a
+        self.state.add(tensors, meta["layers"])
+        self.state.take_new()
 
 
 def evaluate_against_dense(model, dense_spec: str, windows: torch.Tensor, *, progress: bool = True,

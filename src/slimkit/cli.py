@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=_positive(int), default=8)
     c.add_argument("--reference-cache", default=None,
                    help="folder to cache the dense model's eval log-probs in (speeds up repeated runs)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command from its last finished block")
 
     e = sub.add_parser("eval", help="perplexity (and KL to a reference) of a model", parents=[common])
     e.add_argument("model")
@@ -113,6 +115,7 @@ def run(argv=None) -> int:
                           seqlen=args.seqlen, seed=args.seed,
                           eval_data=None if args.no_eval else args.eval_data, eval_tokens=args.eval_tokens,
                           batch_size=args.batch_size, progress=progress, reference_cache=args.reference_cache,
+                          resume=args.resume,
                           command="slimkit " + shlex.join(sys.argv[1:] if argv is None else argv))
         print(_table(summary_rows(report)))
         print(f"\nwrote {args.out} (report.md, report.json)")
@@ -162,27 +165,27 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = run(argv)
-    except SlimkitError as e:
-        print(f"slimkit: error: {e}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("slimkit: interrupted", file=sys.stderr)
-        code = 130
-    except _Terminated:
-        print("slimkit: terminated", file=sys.stderr)
-        code = 143
-    except OSError as e:  # disk full, permissions, ...: the partial output is already removed
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"slimkit: error: {e.strerror or e}{where}", file=sys.stderr)
-        code = 2
-    except Exception as e:  # never a traceback for the user, unless asked
-        if os.environ.get("SLIMKIT_DEBUG"):
+    except BaseException as e:
+        if isinstance(e, SystemExit) or (os.environ.get("SLIMKIT_DEBUG") and not isinstance(e, SlimkitError)):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"slimkit: internal error: {type(e).__name__}: {first} (SLIMKIT_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
-        code = 1
+        line, code = _describe(e)
+        hint = getattr(e, "slimkit_hint", "")  # e.g. where the progress was kept for --resume
+        print(f"slimkit: {line}{'; ' + hint if hint else ''}", file=sys.stderr)
     sys.exit(code)
+
+
+def _describe(e: BaseException) -> tuple[str, int]:
+    """One line and an exit code for anything that ends a command."""
+    if isinstance(e, SlimkitError):
+        return f"error: {e}", 2
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(e, _Terminated):
+        return "terminated", 143
+    if isinstance(e, OSError):  # disk full, permissions, ...: the partial output is already removed
+        return f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}", 2
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"internal error: {type(e).__name__}: {first} (SLIMKIT_DEBUG=1 shows the traceback)", 1
 
 
 if __name__ == "__main__":

@@ -57,14 +57,29 @@ class StateRecorder:
     def __init__(self):
         self.tensors: dict[str, torch.Tensor] = {}
         self.layers: dict[str, dict] = {}
+        self._new: list[str] = []
 
     def __call__(self, state: LinearState) -> None:
         tensors, meta = layer_record(state)
+        self.add(tensors, {state.name: meta})
+
+    def add(self, tensors: dict[str, torch.Tensor], layers: dict[str, dict]) -> None:
         self.tensors.update(tensors)
-        self.layers[state.name] = meta
+        self.layers.update(layers)
+        self._new += list(layers)
+
+    def take_new(self) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        """The records of the layers added since the last call (one block's, for a checkpoint)."""
+        names, self._new = self._new, []
+        prefixes = tuple(f"{n}." for n in names)
+        return ({k: v for k, v in self.tensors.items() if k.startswith(prefixes)},
+                {n: self.layers[n] for n in names})
 
     def save(self, directory: Path, header: dict) -> None:
-        save_file(self.tensors, str(directory / STATE_FILE), metadata={"format": "slimkit-state", "version": "1"})
+        # sorted, and ONE metadata key (safetensors writes metadata in hash order): the file's bytes
+        # must depend only on its content, not on the order of recording (resume) or the process
+        save_file({k: self.tensors[k].contiguous() for k in sorted(self.tensors)}, str(directory / STATE_FILE),
+                  metadata={"format": "slimkit-state/1"})
         (directory / META_FILE).write_text(json.dumps(header | {"layers": self.layers}, indent=1))
 
 

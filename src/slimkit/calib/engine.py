@@ -10,6 +10,8 @@ block's working set and the calibration activations are in memory at a time.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -22,6 +24,7 @@ from ..errors import NumericalError
 from ..methods.base import HESSIAN, INPUT_SAMPLE, SAMPLE_ROWS, BlockContext, LinearState, Stage
 from ..models.layout import ModelLayout
 from ..recipe import Recipe
+from .checkpoint import Checkpoint
 from .hooks import ErrorProbe, StatsCollector, capture_block_inputs, run_block
 
 log = logging.getLogger(__name__)
@@ -95,12 +98,19 @@ def check_recipe_fits(model: nn.Module, layout: ModelLayout, recipe: Recipe) -> 
 
 def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_ids: torch.Tensor, *,
                    batch_size: int = 8, probe_sequences: int = 8, progress: bool = True,
-                   on_layer=None) -> CompressionResult:
+                   on_layer=None, checkpoint: Checkpoint | None = None, on_block=None,
+                   on_restore=None) -> CompressionResult:
     """Compress ``model`` in place. ``calib_ids`` (N, S) token windows; data-free recipes use only
     the first ``probe_sequences`` of them, to measure errors. ``on_layer(state)`` sees every
-    finished LinearState (e.g. to persist grids and masks) before it is dropped."""
+    finished LinearState (e.g. to persist grids and masks) before it is dropped.
+
+    With a ``checkpoint``, every finished block is committed to it together with the payload
+    ``on_block(i) -> (tensors, meta)`` returns, and a checkpoint that already holds finished
+    blocks is resumed: their compressed weights are loaded, ``on_restore(tensors, meta)`` gets
+    their payloads back, and compression continues from the first unfinished block."""
     t_start = time.perf_counter()
     timings: dict[str, float] = defaultdict(float)
+    prior_total = 0.0
     needs = recipe.needs
     data_free = not needs
     if data_free:
@@ -119,8 +129,30 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
 
     layers: list[LayerReport] = []
     block_reports: list[BlockReport] = []
-    bar = tqdm(range(len(blocks)), desc=f"compress [{recipe.name}]", unit="block", disable=not progress)
+    start = checkpoint.done if checkpoint is not None else 0
+    if start:
+        if start > len(blocks):
+            raise NumericalError(f"the checkpoint holds {start} blocks but the model has {len(blocks)}")
+        for j in range(start):
+            payload, meta = checkpoint.restore_block(j, blocks[j])
+            if on_restore is not None:
+                on_restore(payload, meta)
+        restored = checkpoint.restore_inputs()
+        if restored.shape != inputs.shape:
+            raise NumericalError(f"the checkpoint's activations {tuple(restored.shape)} do not match the "
+                                 f"calibration data {tuple(inputs.shape)}")
+        inputs = restored
+        prog = checkpoint.progress
+        layers = [LayerReport(**(d | {"shape": tuple(d["shape"])})) for d in prog["layers"]]
+        block_reports = [BlockReport(**d) for d in prog["blocks"]]
+        timings.update(prog["timings"])
+        prior_total = timings.pop("total", 0.0)
+    fault = os.environ.get("SLIMKIT_FAULT_KILL_AFTER_BLOCK")  # tests: SIGKILL right after a commit
+    bar = tqdm(range(len(blocks)), desc=f"compress [{recipe.name}]", unit="block", disable=not progress,
+               initial=start)
     for i in bar:
+        if i < start:
+            continue
         tb = time.perf_counter()
         block = blocks[i]
         linears = target_linears(model, layout, recipe, i)
@@ -170,9 +202,10 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         if not torch.isfinite(next_in).all():
             raise NumericalError(f"block {i} produces NaN/Inf outputs after compression")
         rel = probe.relative()
+        block_layers: list[LayerReport] = []
         for name, state in states.items():
             out_f, in_f = state.weight.shape
-            layers.append(LayerReport(
+            block_layers.append(LayerReport(
                 name=name, shape=(out_f, in_f), rel_error=rel[name], bits=state.bits(),
                 density=float(state.mask.float().mean()) if state.mask is not None else 1.0,
                 grid=state.notes.get("grid") or (state.quant.describe() if state.quant else "fp16"),
@@ -182,12 +215,23 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
             if on_layer is not None:
                 on_layer(state)
         del states, originals
+        layers += block_layers
 
         err = ((next_in - dense_out).double().norm() / dense_out.double().norm().clamp_min(1e-30)).item()
         block_reports.append(BlockReport(i, err, time.perf_counter() - tb))
         bar.set_postfix(out_err=f"{err:.4f}")
         log.debug("block %d: output rel. error %.5f", i, err)
+        if checkpoint is not None:
+            payload, meta = on_block(i) if on_block is not None else ({}, {})
+            t = time.perf_counter()
+            checkpoint.commit(i, block, next_in, layers=[asdict(l) for l in block_layers],
+                              block_report=asdict(block_reports[-1]),
+                              timings=dict(timings) | {"total": prior_total + time.perf_counter() - t_start},
+                              payload=payload, payload_meta=meta)
+            timings["checkpoint"] += time.perf_counter() - t
+            if fault is not None and int(fault) == i:
+                os.kill(os.getpid(), signal.SIGKILL)
         inputs, next_in = next_in, inputs
-    timings["total"] = time.perf_counter() - t_start
+    timings["total"] = prior_total + time.perf_counter() - t_start
     timings["stages"] = sum(v for k, v in timings.items() if k.startswith(("stage:", "refine:")))
     return CompressionResult(layers, block_reports, dict(timings), int(calib_ids.shape[0]), int(calib_ids.shape[1]))

@@ -334,7 +334,7 @@ def write_native(src: str | Path, out: Path, dense_dtype: str = "auto") -> dict:
         if v.is_floating_point():
             v = narrowest(v) if dense_dtype == "auto" else v.to(DTYPES[dense_dtype])
         store[key] = v.contiguous()
-    save_file(store, str(out / TENSORS_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
+    save_file(store, str(out / TENSORS_FILE), metadata={"format": f"{FORMAT}/{VERSION}"})  # one key: byte-stable
     for f in COPY_FILES:
         if (folder.dir / f).is_file():
             shutil.copy2(folder.dir / f, out / f)
