@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, dist
 from .calib import compress_model
 from .calib.checkpoint import Checkpoint, files_digest, tensor_digest
 from .calib.engine import check_recipe_fits
@@ -99,6 +99,10 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
     if partial.exists() and not resume:
         raise SlimkitError(f"an unfinished run of this output is in {str(partial)!r}: pass --resume to "
                            "continue it, or delete that folder")
+    dist.setup()  # under torchrun: join the workers (each takes a share of the calibration data)
+    if dist.active() and resume:
+        raise SlimkitError("--resume is not supported with several workers yet")
+    dist.barrier()  # every worker has checked the output before worker 0 creates its partial folder
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     resolve(model)  # fails fast on a missing path
     torch.manual_seed(seed)
@@ -111,6 +115,9 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
     windows = evaluation_ids(eval_data, tok, seqlen, eval_tokens) if eval_data else None
     t_load = time.perf_counter() - t0
 
+    if dist.rank() != 0:  # a helper worker: statistics of its share, collectives; worker 0 writes
+        compress_model(m, layout, rec, ids, batch_size=batch_size, progress=False)
+        return {"worker": dist.rank()}
     records = _Records(keep_adapters=rec.finetune is not None)
     fingerprint = {
         "model": str(location), "model_files": files_digest(location), "recipe": rec.to_dict(),
@@ -118,9 +125,9 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
         "calibration_tokens": tensor_digest(ids), "batch_size": batch_size,
         "versions": {"slimkit": __version__, "torch": torch.__version__},
     }
-    ckpt = Checkpoint(partial / "checkpoint", fingerprint)
-    with atomic_dir(out_path, reuse=resume, keep=ckpt.keep_message) as tmp:
-        resumed_from = ckpt.open(resume)
+    ckpt = None if dist.active() else Checkpoint(partial / "checkpoint", fingerprint)
+    with atomic_dir(out_path, reuse=resume, keep=ckpt.keep_message if ckpt else None) as tmp:
+        resumed_from = ckpt.open(resume) if ckpt else 0
         result = compress_model(m, layout, rec, ids, batch_size=batch_size, progress=progress,
                                 on_layer=records.on_layer, checkpoint=ckpt, on_block=records.on_block,
                                 on_restore=records.on_restore)
@@ -151,8 +158,11 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
             report["eval"] = evaluate_against_dense(m, model, windows, progress=progress,
                                                     reference_cache=reference_cache) | {"source": eval_data}
         report["peak_rss_total_mb"] = peak_rss_mb()
+        if dist.active():
+            report["workers"] = dist.world_size()
         write_report(report, tmp)
-        ckpt.remove()
+        if ckpt:
+            ckpt.remove()
     return report
 
 

@@ -117,6 +117,8 @@ def run(argv=None) -> int:
                           batch_size=args.batch_size, progress=progress, reference_cache=args.reference_cache,
                           resume=args.resume,
                           command="slimkit " + shlex.join(sys.argv[1:] if argv is None else argv))
+        if "worker" in report:  # a torchrun helper worker: worker 0 reports
+            return 0
         print(_table(summary_rows(report)))
         print(f"\nwrote {args.out} (report.md, report.json)")
         return 0

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import NumericalError
+from .. import dist
+from ..errors import NumericalError, SlimkitError
 from ..methods.base import HESSIAN, INPUT_SAMPLE, SAMPLE_ROWS, BlockContext, LinearState, Stage
 from ..models.layout import ModelLayout
 from ..recipe import Recipe
@@ -115,8 +116,21 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
     data_free = not needs
     if data_free:
         calib_ids = calib_ids[:probe_sequences]
-    probe_batches = max(1, -(-min(probe_sequences, calib_ids.shape[0]) // batch_size))
     check_recipe_fits(model, layout, recipe)
+    refiners = [st for st in recipe.stages if type(st).refine_block is not Stage.refine_block]
+    if dist.active():  # torchrun: this worker's share of the calibration windows
+        if refiners:
+            raise SlimkitError(f"stage {refiners[0].name!r} refines whole blocks on the calibration data and "
+                               "cannot run split across workers yet; run it in one process")
+        if checkpoint is not None:
+            raise SlimkitError("checkpoints (--resume) are not supported with several workers yet")
+        if calib_ids.shape[0] < dist.world_size():
+            raise SlimkitError(f"{calib_ids.shape[0]} calibration sequences cannot be split across "
+                               f"{dist.world_size()} workers")
+    n_sequences = int(calib_ids.shape[0])
+    if dist.active():
+        calib_ids = calib_ids[dist.shard(n_sequences)]
+    probe_batches = max(1, -(-min(probe_sequences, calib_ids.shape[0]) // batch_size))
 
     blocks = layout.blocks(model)
     t = time.perf_counter()
@@ -183,9 +197,9 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
                 raise NumericalError(f"block {i}: {name} became NaN/Inf after compression")
             originals[name] = state.original
             lin.weight.data.copy_(state.effective_weight().to(lin.weight.dtype))
+            dist.broadcast(lin.weight.data)  # every worker continues with worker 0's result
             states[name] = state
         del stats
-        refiners = [st for st in recipe.stages if type(st).refine_block is not Stage.refine_block]
         if refiners:
             ctx = BlockContext(i, block, linears, states, inputs, dense_out, kwargs_list, batch_size)
             for st in refiners:
@@ -217,7 +231,9 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         del states, originals
         layers += block_layers
 
-        err = ((next_in - dense_out).double().norm() / dense_out.double().norm().clamp_min(1e-30)).item()
+        sq = dist.all_reduce_sum(torch.stack([(next_in - dense_out).double().square().sum(),
+                                              dense_out.double().square().sum()]))
+        err = (sq[0] / sq[1].clamp_min(1e-60)).sqrt().item()
         block_reports.append(BlockReport(i, err, time.perf_counter() - tb))
         bar.set_postfix(out_err=f"{err:.4f}")
         log.debug("block %d: output rel. error %.5f", i, err)
@@ -234,4 +250,4 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         inputs, next_in = next_in, inputs
     timings["total"] = prior_total + time.perf_counter() - t_start
     timings["stages"] = sum(v for k, v in timings.items() if k.startswith(("stage:", "refine:")))
-    return CompressionResult(layers, block_reports, dict(timings), int(calib_ids.shape[0]), int(calib_ids.shape[1]))
+    return CompressionResult(layers, block_reports, dict(timings), n_sequences, int(calib_ids.shape[1]))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import dist
 from ..methods.base import LinearStats
 
 
@@ -106,6 +107,9 @@ class StatsCollector:
         missing = [n for n in self.linears if n not in self.stats]
         if missing:
             raise RuntimeError(f"no calibration input reached {missing[0]}")
+        for n in self.linears:  # the same order on every worker: the collectives pair up
+            if self.leader[n]:
+                self.stats[n].all_reduce()
         for n, s in self.stats.items():
             s.finalize(n)
         return self.stats
@@ -137,4 +141,7 @@ class ErrorProbe:
         return hooks([m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()])
 
     def relative(self) -> dict[str, float]:
-        return {n: (self.err[n] / self.ref[n]) ** 0.5 if self.ref[n] > 0 else 0.0 for n in self.linears}
+        names = list(self.linears)
+        sums = dist.all_reduce_sum(torch.tensor([[self.err[n] for n in names], [self.ref[n] for n in names]],
+                                                dtype=torch.float64))
+        return {n: (e / r) ** 0.5 if r > 0 else 0.0 for n, e, r in zip(names, sums[0].tolist(), sums[1].tolist())}

@@ -57,6 +57,21 @@ class LinearStats:
         if have < self.sample_rows:
             self._sample.append(x[: self.sample_rows - have].clone())
 
+    def all_reduce(self) -> None:
+        """Sum the statistics over torch.distributed workers (each saw its share of the
+        calibration data); the input sample becomes the first rows of all workers' in order."""
+        from .. import dist
+        if self.final or not dist.active():
+            return
+        counts = dist.all_reduce_sum(torch.tensor([self.nsamples, self.ntokens], dtype=torch.float64))
+        self.nsamples, self.ntokens = int(counts[0]), int(counts[1])
+        dist.all_reduce_sum(self._act_sq)
+        if self._H is not None:
+            dist.all_reduce_sum(self._H)
+        if self.sample_rows:
+            local = torch.cat(self._sample) if self._sample else torch.zeros(0, self.in_features)
+            self._sample = [dist.gather_rows(local, self.sample_rows)]
+
     def finalize(self, name: str = "") -> None:
         if self.final:
             return
