@@ -23,12 +23,13 @@ def finished(recipe: str, tag: str | None = None) -> bool:
 
 
 def compress_run(recipe: str, tag: str | None = None, extra: list[str] = (), fresh: bool = False,
-                 keep_model: bool = False) -> dict:
-    """Run one compression (unless its report exists) and return the report with the command."""
+                 keep_model: bool = False, model: str = "default") -> dict:
+    """Run one compression (unless its report exists) and return the report with the command.
+    ``extra`` options come last and so override the defaults (argparse keeps the last value)."""
     tag = tag or recipe.replace("/", "_")
     out = RUNS / tag
     report_path = REPORTS / f"{tag}.json"
-    args = ["compress", "default", "--recipe", recipe, "--out", str(out.relative_to(ROOT)),
+    args = ["compress", model, "--recipe", recipe, "--out", str(out.relative_to(ROOT)),
             "--nsamples", "128", "--seqlen", "512", "--seed", "0", "--eval-tokens", "16384",
             "--reference-cache", str((RUNS / "refcache").relative_to(ROOT)), "-q", *extra]
     command = "slimkit " + shlex.join(args)

@@ -23,6 +23,8 @@ from .eval import evaluate
 from .eval.perplexity import ReferenceCache, windows_key
 from .eval.report import write_report
 from .models import layout_for, load_model
+from .models.layout import ResidentBlocks
+from .models.streaming import StreamedModel
 from .models.loading import resolve
 from .recipe import Recipe, load_recipe
 from .state_io import StateRecorder
@@ -86,13 +88,18 @@ def atomic_dir(out: Path, *, reuse: bool = False, keep=None):
 def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = "shakespeare",
              nsamples: int = 128, seqlen: int = 512, seed: int = 0, eval_data: str | None = "shakespeare:eval",
              eval_tokens: int = 16384, batch_size: int = 8, progress: bool = True,
-             reference_cache: str | None = None, command: str | None = None, resume: bool = False) -> dict:
+             reference_cache: str | None = None, command: str | None = None, resume: bool = False,
+             low_memory: bool = False, offload_activations: bool = False) -> dict:
     """Compress ``model`` with ``recipe`` into the Hugging Face folder ``out`` (fake-quantized
     weights that AutoModelForCausalLM loads) with report.json / report.md; returns the report.
 
     Progress is checkpointed block by block in a hidden folder beside ``out``; after a crash
     or a kill, the same call with ``resume=True`` continues from the last finished block and
-    writes the same files an uninterrupted run would have."""
+    writes the same files an uninterrupted run would have.
+
+    ``low_memory`` reads the blocks of a safetensors folder one at a time and writes the output
+    block by block (peak memory independent of the number of blocks); ``offload_activations``
+    keeps the calibration activations in memory-mapped files in the temporary folder."""
     t0 = time.perf_counter()
     out_path = check_output_dir(out, model)
     partial = partial_dir(out_path)
@@ -105,10 +112,19 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
     dist.barrier()  # every worker has checked the output before worker 0 creates its partial folder
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     resolve(model)  # fails fast on a missing path
+    if low_memory and rec.finetune is not None:
+        raise SlimkitError("--low-memory cannot fine-tune adapters (that needs the whole model in memory)")
+    if low_memory and dist.active():
+        raise SlimkitError("--low-memory is not supported with several workers yet")
     torch.manual_seed(seed)
-    m, tok, location = load_model(model)
-    layout = layout_for(m)
-    n_targets = check_recipe_fits(m, layout, rec)
+    streamed = StreamedModel(model) if low_memory else None
+    if streamed is not None:
+        m, tok, location, layout, source = streamed.model, streamed.tokenizer, streamed.location, streamed.layout, streamed
+    else:
+        m, tok, location = load_model(model)
+        layout = layout_for(m)
+        source = ResidentBlocks(m, layout)
+    n_targets = check_recipe_fits(source, rec)
     if n_targets == 0:
         raise SlimkitError(f"recipe {rec.name!r} ignores every Linear of the model")
     ids = calibration_ids(calib, tok, nsamples, seqlen, seed)
@@ -118,7 +134,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
     if dist.rank() != 0:  # a helper worker: statistics of its share, collectives; worker 0 writes
         compress_model(m, layout, rec, ids, batch_size=batch_size, progress=False)
         return {"worker": dist.rank()}
-    records = _Records(keep_adapters=rec.finetune is not None)
+    records = _Records(keep_adapters=rec.finetune is not None, spill=low_memory)
     fingerprint = {
         "model": str(location), "model_files": files_digest(location), "recipe": rec.to_dict(),
         "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
@@ -128,9 +144,13 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
     ckpt = None if dist.active() else Checkpoint(partial / "checkpoint", fingerprint)
     with atomic_dir(out_path, reuse=resume, keep=ckpt.keep_message if ckpt else None) as tmp:
         resumed_from = ckpt.open(resume) if ckpt else 0
+        records.directory = tmp
         result = compress_model(m, layout, rec, ids, batch_size=batch_size, progress=progress,
                                 on_layer=records.on_layer, checkpoint=ckpt, on_block=records.on_block,
-                                on_restore=records.on_restore)
+                                on_restore=records.on_restore, source=source,
+                                after_block=(lambda i, b: streamed.write_block(i, b, tmp)) if streamed else None,
+                                activations=str(tmp / ".activations") if offload_activations else None)
+        shutil.rmtree(tmp / ".activations", ignore_errors=True)
         finetune_report = None
         if rec.finetune is not None:
             ft = finetune_adapters(m, records.adapters, ids, rec.finetune, progress=progress)
@@ -149,12 +169,19 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
         if finetune_report is not None:
             report["finetune"] = finetune_report
         t = time.perf_counter()
-        m.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        if streamed is not None:
+            streamed.write_rest(tmp)  # the blocks are in their shards already
+            del m, streamed
+            m = None
+        else:
+            m.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         records.state.save(tmp, {"format": "slimkit-fakequant", "version": 1, "slimkit_version": __version__,
                                  "recipe": rec.to_dict(), "source_model": model, "model_type": layout.model_type})
         report["save_seconds"] = time.perf_counter() - t
         if windows is not None:
+            if m is None:  # low memory: evaluate what was written (loaded whole, like any user would)
+                m = load_model(str(tmp), with_tokenizer=False)[0]
             report["eval"] = evaluate_against_dense(m, model, windows, progress=progress,
                                                     reference_cache=reference_cache) | {"source": eval_data}
         report["peak_rss_total_mb"] = peak_rss_mb()
@@ -171,8 +198,11 @@ class _Records:
     and, when the recipe fine-tunes, the adapters with their base weight; and how that goes
     into and comes back out of a checkpoint."""
 
-    def __init__(self, keep_adapters: bool):
+    def __init__(self, keep_adapters: bool, spill: bool = False):
         self.state = StateRecorder()
+        self.spill = spill  # write each block's records to a shard in ``directory`` and forget them
+        self.directory = None
+        self._restored = 0
         self.keep_adapters = keep_adapters
         self.adapters: dict[str, dict] = {}
 
@@ -190,6 +220,8 @@ class _Records:
                 a = self.adapters[name]
                 meta["adapters"][name] = {"bits": a["bits"], "group": a["group"]}
                 tensors[f"finetune::{name}::weight"] = a["weight"]  # L and R are in the state record
+        if self.spill:
+            self.state.spill(self.directory, index, tensors)
         return tensors, meta
 
     def on_restore(self, tensors: dict, meta: dict) -> None:
@@ -198,6 +230,9 @@ class _Records:
                                    "R": tensors[f"{name}.R"]} | a
         self.state.add(tensors, meta["layers"])
         self.state.take_new()
+        if self.spill:
+            self.state.spill(self.directory, self._restored, tensors)
+        self._restored += 1
 
 
 def evaluate_against_dense(model, dense_spec: str, windows: torch.Tensor, *, progress: bool = True,

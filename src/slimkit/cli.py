@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder to cache the dense model's eval log-probs in (speeds up repeated runs)")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command from its last finished block")
+    c.add_argument("--low-memory", action="store_true",
+                   help="read the blocks of a safetensors folder one at a time and write the output block by "
+                        "block: peak memory no longer grows with the number of blocks (models larger than RAM)")
+    c.add_argument("--offload-activations", action="store_true",
+                   help="keep the calibration activations in memory-mapped files beside --out, not in RAM")
 
     e = sub.add_parser("eval", help="perplexity (and KL to a reference) of a model", parents=[common])
     e.add_argument("model")
@@ -115,7 +120,8 @@ def run(argv=None) -> int:
                           seqlen=args.seqlen, seed=args.seed,
                           eval_data=None if args.no_eval else args.eval_data, eval_tokens=args.eval_tokens,
                           batch_size=args.batch_size, progress=progress, reference_cache=args.reference_cache,
-                          resume=args.resume,
+                          resume=args.resume, low_memory=args.low_memory,
+                          offload_activations=args.offload_activations,
                           command="slimkit " + shlex.join(sys.argv[1:] if argv is None else argv))
         if "worker" in report:  # a torchrun helper worker: worker 0 reports
             return 0

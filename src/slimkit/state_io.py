@@ -20,6 +20,7 @@ from .methods.base import LinearState
 from .ops.quant import quantize_matrix
 
 STATE_FILE = "slimkit_state.safetensors"
+STATE_INDEX = "slimkit_state.index.json"  # instead of STATE_FILE when written block by block
 META_FILE = "slimkit.json"
 
 
@@ -58,6 +59,17 @@ class StateRecorder:
         self.tensors: dict[str, torch.Tensor] = {}
         self.layers: dict[str, dict] = {}
         self._new: list[str] = []
+        self.shards: dict[str, str] = {}  # tensor -> shard file, for records already written out
+
+    def spill(self, directory: Path, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Write one block's records to their own shard and drop them from memory (models larger
+        than RAM); ``save`` then writes an index of the shards."""
+        name = f"slimkit_state-{index:05d}.safetensors"
+        save_file({k: tensors[k].contiguous() for k in sorted(tensors)}, str(Path(directory) / name),
+                  metadata={"format": "slimkit-state/1"})
+        for k in tensors:
+            self.tensors.pop(k, None)
+            self.shards[k] = name
 
     def __call__(self, state: LinearState) -> None:
         tensors, meta = layer_record(state)
@@ -76,6 +88,12 @@ class StateRecorder:
                 {n: self.layers[n] for n in names})
 
     def save(self, directory: Path, header: dict) -> None:
+        if self.shards:
+            if self.tensors:
+                raise RuntimeError("records left in memory next to written shards")
+            (directory / STATE_INDEX).write_text(json.dumps({"weight_map": dict(sorted(self.shards.items()))}, indent=1))
+            (directory / META_FILE).write_text(json.dumps(header | {"layers": self.layers}, indent=1))
+            return
         # sorted, and ONE metadata key (safetensors writes metadata in hash order): the file's bytes
         # must depend only on its content, not on the order of recording (resume) or the process
         save_file({k: self.tensors[k].contiguous() for k in sorted(self.tensors)}, str(directory / STATE_FILE),
@@ -86,16 +104,20 @@ class StateRecorder:
 def load_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """-> (tensors, metadata) of a compressed folder; one-line errors on missing or corrupt files."""
     d = Path(directory)
-    meta_path, state_path = d / META_FILE, d / STATE_FILE
-    if not meta_path.is_file() or not state_path.is_file():
+    meta_path, state_path, index_path = d / META_FILE, d / STATE_FILE, d / STATE_INDEX
+    if not meta_path.is_file() or not (state_path.is_file() or index_path.is_file()):
         raise SlimkitError(f"{str(d)!r} is not a slimkit output folder (no {META_FILE} / {STATE_FILE})")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise SlimkitError(f"{str(meta_path)!r} is corrupt: {e.msg}") from None
-    try:
-        tensors = load_file(str(state_path))
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SlimkitError(f"{str(state_path)!r} is corrupt: {first}") from None
+        files = sorted(set(json.loads(index_path.read_text())["weight_map"].values())) \
+            if not state_path.is_file() else [STATE_FILE]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SlimkitError(f"{str(meta_path)!r} or its index is corrupt: {e}") from None
+    tensors = {}
+    for name in files:
+        try:
+            tensors.update(load_file(str(d / name)))
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SlimkitError(f"{str(d / name)!r} is corrupt: {first}") from None
     return tensors, meta

@@ -108,11 +108,12 @@ class Checkpoint:
         return int(self.progress["done"])
 
     # ---- committing -----------------------------------------------------------------------
-    def commit(self, index: int, block: torch.nn.Module, next_inputs: torch.Tensor, *, layers: list[dict],
+    def commit(self, index: int, block: torch.nn.Module | None, next_inputs: torch.Tensor, *, layers: list[dict],
                block_report: dict, timings: dict, payload: dict[str, torch.Tensor] | None = None,
                payload_meta: dict | None = None) -> None:
         assert index == self.done, (index, self.done)
-        tensors = {k: v.detach().contiguous() for k, v in block.state_dict().items()}
+        # a block written elsewhere already (a streamed model's output shard) is not copied here
+        tensors = {k: v.detach().contiguous() for k, v in block.state_dict().items()} if block is not None else {}
         for k, v in (payload or {}).items():
             tensors[PAYLOAD + k] = v.detach().contiguous()
         save_file(tensors, str(self.dir / f"block_{index}.safetensors"))
@@ -129,10 +130,13 @@ class Checkpoint:
             stale.unlink()
 
     # ---- restoring ------------------------------------------------------------------------
-    def restore_block(self, index: int, block: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-        """Load block ``index``'s compressed parameters into ``block``; return its payload."""
+    def restore_block(self, index: int, block: torch.nn.Module | None) -> tuple[dict[str, torch.Tensor], dict]:
+        """Load block ``index``'s compressed parameters into ``block`` (None: it was not kept
+        here); return its payload."""
         tensors = self._load(self.dir / f"block_{index}.safetensors")
         payload = {k[len(PAYLOAD):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(PAYLOAD)]}
+        if block is None:
+            return payload, self.progress.get("payload_meta", [{}] * self.done)[index]
         missing, unexpected = block.load_state_dict(tensors, strict=False)
         if missing or unexpected:
             raise SlimkitError(f"--resume: block {index} of the checkpoint does not fit the model "

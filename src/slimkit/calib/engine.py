@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .. import dist
 from ..errors import NumericalError, SlimkitError
 from ..methods.base import HESSIAN, INPUT_SAMPLE, SAMPLE_ROWS, BlockContext, LinearState, Stage
-from ..models.layout import ModelLayout
+from ..models.layout import ModelLayout, ResidentBlocks
 from ..recipe import Recipe
 from .checkpoint import Checkpoint
 from .hooks import ErrorProbe, StatsCollector, capture_block_inputs, run_block
@@ -82,15 +82,31 @@ class CompressionResult:
                 "bits_by_part": self.bits_by_part()}
 
 
-def target_linears(model: nn.Module, layout: ModelLayout, recipe: Recipe, index: int) -> dict[str, nn.Linear]:
-    return {n: m for n, m in layout.linears(model, index).items() if not recipe.ignores(n)}
+def activation_buffer(folder: str | None, name: str, like: torch.Tensor, copy: bool = True) -> torch.Tensor:
+    """A tensor shaped like ``like`` (its values, or uninitialised): in RAM, or, with ``folder``,
+    a memory-mapped file there, whose pages the OS may write out and drop under pressure."""
+    if folder is None:
+        return like if copy else torch.empty_like(like)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"activations-{name}.bin")
+    with open(path, "wb") as f:
+        f.truncate(like.numel() * like.element_size())
+    t = torch.from_file(path, shared=True, size=like.numel(), dtype=like.dtype).view(like.shape)
+    if copy:
+        t.copy_(like)
+    return t
 
 
-def check_recipe_fits(model: nn.Module, layout: ModelLayout, recipe: Recipe) -> int:
-    """Fail before any work if a stage cannot handle some layer. Returns the number of targets."""
+def target_linears(source, recipe: Recipe, index: int, block: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in source.linears(index, block).items() if not recipe.ignores(n)}
+
+
+def check_recipe_fits(source, recipe: Recipe) -> int:
+    """Fail before any work if a stage cannot handle some layer of the block ``source``
+    (ResidentBlocks or StreamedModel). Returns the number of targets."""
     count = 0
-    for i in range(len(layout.blocks(model))):
-        for name, lin in target_linears(model, layout, recipe, i).items():
+    for i in range(len(source)):
+        for name, lin in target_linears(source, recipe, i, source.peek(i)).items():
             for stage in recipe.stages:
                 stage.check_layer(name, lin.out_features, lin.in_features)
             count += 1
@@ -100,7 +116,8 @@ def check_recipe_fits(model: nn.Module, layout: ModelLayout, recipe: Recipe) -> 
 def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_ids: torch.Tensor, *,
                    batch_size: int = 8, probe_sequences: int = 8, progress: bool = True,
                    on_layer=None, checkpoint: Checkpoint | None = None, on_block=None,
-                   on_restore=None) -> CompressionResult:
+                   on_restore=None, source=None, after_block=None,
+                   activations: str | None = None) -> CompressionResult:
     """Compress ``model`` in place. ``calib_ids`` (N, S) token windows; data-free recipes use only
     the first ``probe_sequences`` of them, to measure errors. ``on_layer(state)`` sees every
     finished LinearState (e.g. to persist grids and masks) before it is dropped.
@@ -108,7 +125,12 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
     With a ``checkpoint``, every finished block is committed to it together with the payload
     ``on_block(i) -> (tensors, meta)`` returns, and a checkpoint that already holds finished
     blocks is resumed: their compressed weights are loaded, ``on_restore(tensors, meta)`` gets
-    their payloads back, and compression continues from the first unfinished block."""
+    their payloads back, and compression continues from the first unfinished block.
+
+    ``source`` gives the blocks (default: the model's own, in memory; a StreamedModel reads
+    each from disk), ``after_block(i, block)`` sees each finished block before it is dropped
+    (e.g. to write it out), and ``activations`` names a folder where the calibration
+    activations live as memory-mapped files instead of in RAM."""
     t_start = time.perf_counter()
     timings: dict[str, float] = defaultdict(float)
     prior_total = 0.0
@@ -116,7 +138,8 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
     data_free = not needs
     if data_free:
         calib_ids = calib_ids[:probe_sequences]
-    check_recipe_fits(model, layout, recipe)
+    source = source if source is not None else ResidentBlocks(model, layout)
+    check_recipe_fits(source, recipe)
     refiners = [st for st in recipe.stages if type(st).refine_block is not Stage.refine_block]
     if dist.active():  # torchrun: this worker's share of the calibration windows
         if refiners:
@@ -132,44 +155,47 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         calib_ids = calib_ids[dist.shard(n_sequences)]
     probe_batches = max(1, -(-min(probe_sequences, calib_ids.shape[0]) // batch_size))
 
-    blocks = layout.blocks(model)
     t = time.perf_counter()
-    inputs, kwargs_list = capture_block_inputs(model, blocks[0], calib_ids, batch_size)
+    inputs, kwargs_list = capture_block_inputs(model, source.get(0), calib_ids, batch_size)
     timings["capture"] += time.perf_counter() - t
     if not torch.isfinite(inputs).all():
         raise NumericalError("the embeddings of the calibration data contain NaN/Inf")
-    dense_out = torch.empty_like(inputs)
-    next_in = torch.empty_like(inputs)
+    inputs = activation_buffer(activations, "a", inputs)
+    dense_out = activation_buffer(activations, "b", inputs, copy=False)
+    next_in = activation_buffer(activations, "c", inputs, copy=False)
 
     layers: list[LayerReport] = []
     block_reports: list[BlockReport] = []
     start = checkpoint.done if checkpoint is not None else 0
     if start:
-        if start > len(blocks):
-            raise NumericalError(f"the checkpoint holds {start} blocks but the model has {len(blocks)}")
-        for j in range(start):
-            payload, meta = checkpoint.restore_block(j, blocks[j])
+        if start > len(source):
+            raise NumericalError(f"the checkpoint holds {start} blocks but the model has {len(source)}")
+        for j in range(start):  # a streamed block is already in its output shard
+            payload, meta = checkpoint.restore_block(j, source.get(j) if source.resident else None)
             if on_restore is not None:
                 on_restore(payload, meta)
         restored = checkpoint.restore_inputs()
         if restored.shape != inputs.shape:
             raise NumericalError(f"the checkpoint's activations {tuple(restored.shape)} do not match the "
                                  f"calibration data {tuple(inputs.shape)}")
-        inputs = restored
+        inputs.copy_(restored)
+        del restored
         prog = checkpoint.progress
         layers = [LayerReport(**(d | {"shape": tuple(d["shape"])})) for d in prog["layers"]]
         block_reports = [BlockReport(**d) for d in prog["blocks"]]
         timings.update(prog["timings"])
         prior_total = timings.pop("total", 0.0)
     fault = os.environ.get("SLIMKIT_FAULT_KILL_AFTER_BLOCK")  # tests: SIGKILL right after a commit
-    bar = tqdm(range(len(blocks)), desc=f"compress [{recipe.name}]", unit="block", disable=not progress,
+    bar = tqdm(range(len(source)), desc=f"compress [{recipe.name}]", unit="block", disable=not progress,
                initial=start)
     for i in bar:
         if i < start:
             continue
         tb = time.perf_counter()
-        block = blocks[i]
-        linears = target_linears(model, layout, recipe, i)
+        t = time.perf_counter()
+        block = source.get(i)
+        timings["load_block"] += time.perf_counter() - t
+        linears = target_linears(source, recipe, i, block)
 
         # 1. one forward with the original weights: statistics + dense outputs
         t = time.perf_counter()
@@ -237,10 +263,14 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         block_reports.append(BlockReport(i, err, time.perf_counter() - tb))
         bar.set_postfix(out_err=f"{err:.4f}")
         log.debug("block %d: output rel. error %.5f", i, err)
+        if after_block is not None:
+            t = time.perf_counter()
+            after_block(i, block)
+            timings["write_block"] += time.perf_counter() - t
         if checkpoint is not None:
             payload, meta = on_block(i) if on_block is not None else ({}, {})
             t = time.perf_counter()
-            checkpoint.commit(i, block, next_in, layers=[asdict(l) for l in block_layers],
+            checkpoint.commit(i, block if source.resident else None, next_in, layers=[asdict(l) for l in block_layers],
                               block_report=asdict(block_reports[-1]),
                               timings=dict(timings) | {"total": prior_total + time.perf_counter() - t_start},
                               payload=payload, payload_meta=meta)
@@ -248,6 +278,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
             if fault is not None and int(fault) == i:
                 os.kill(os.getpid(), signal.SIGKILL)
         inputs, next_in = next_in, inputs
+        del block, linears
     timings["total"] = prior_total + time.perf_counter() - t_start
     timings["stages"] = sum(v for k, v in timings.items() if k.startswith(("stage:", "refine:")))
     return CompressionResult(layers, block_reports, dict(timings), n_sequences, int(calib_ids.shape[1]))

@@ -39,8 +39,29 @@ class ModelLayout:
 
     def linears(self, model: nn.Module, index: int) -> dict[str, nn.Linear]:
         """Full module name -> Linear, for every Linear inside block ``index``."""
-        block = self.blocks(model)[index]
-        prefix = f"{self.blocks_path}.{index}."
+        return ResidentBlocks(model, self).linears(index, self.blocks(model)[index])
+
+
+class ResidentBlocks:
+    """The blocks of a model held in memory: the engine's default source of blocks (see
+    streaming.StreamedModel for blocks read from disk one at a time)."""
+
+    resident = True
+
+    def __init__(self, model: nn.Module, layout: ModelLayout):
+        self.layout = layout
+        self._blocks = layout.blocks(model)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def peek(self, index: int) -> nn.Module:
+        return self._blocks[index]
+
+    get = peek
+
+    def linears(self, index: int, block: nn.Module) -> dict[str, nn.Linear]:
+        prefix = f"{self.layout.blocks_path}.{index}."
         return {prefix + n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 

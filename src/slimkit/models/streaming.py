@@ -1,0 +1,177 @@
+"""Models larger than RAM: decoder blocks read from safetensors one at a time and written out
+one at a time (``slimkit compress --low-memory``).
+
+The model is built with ONE decoder block (the shell: embeddings, final norm, head and block 0,
+loaded from the checkpoint); every other block is a copy of block 0's structure filled from the
+memory-mapped safetensors files when the engine reaches it, and dropped once its compressed
+weights are in the output shard. Peak memory is then the shell, one block, its statistics and
+the calibration activations, whatever the number of blocks.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import ModelError
+from .layout import ModelLayout, layout_for
+from .loading import _first_line, check_tokenizer_fits, resolve
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+
+
+class TensorStore:
+    """Every tensor of a safetensors model folder (one file or an index of shards), read on demand."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.where: dict[str, Path] = {}
+        index = self.folder / INDEX
+        try:
+            if index.is_file():
+                for key, fname in json.loads(index.read_text())["weight_map"].items():
+                    self.where[key] = self.folder / fname
+            else:
+                for f in sorted(self.folder.glob("*.safetensors")):
+                    with safe_open(str(f), "pt") as h:
+                        for key in h.keys():
+                            self.where[key] = f
+        except Exception as e:
+            raise ModelError(f"cannot read the weights of {str(self.folder)!r}: {_first_line(e)}") from None
+        if not self.where:
+            raise ModelError(f"--low-memory needs safetensors weights; {str(self.folder)!r} has none")
+
+    def get(self, key: str) -> torch.Tensor:
+        f = self.where.get(key)
+        if f is None:
+            raise ModelError(f"the weights of {str(self.folder)!r} have no tensor {key!r}")
+        try:  # opened per read: a mapping kept open would keep the file's pages in this process
+            with safe_open(str(f), "pt") as h:
+                return h.get_tensor(key)
+        except Exception as e:
+            raise ModelError(f"cannot load the weights of {str(self.folder)!r}: {_first_line(e)}") from None
+
+
+def _one_block_config(config):
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = 1
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = cfg.layer_types[:1]
+    return cfg
+
+
+class StreamedModel:
+    """The shell model (one block) plus the means to fetch and write every block."""
+
+    resident = False
+
+    def __init__(self, spec: str, with_tokenizer: bool = True):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        kind, loc = resolve(spec)
+        if kind != "dir":
+            raise ModelError(f"--low-memory reads a local safetensors folder; {spec!r} is a {kind} model")
+        self.location = loc
+        try:
+            self.config = AutoConfig.from_pretrained(loc)
+        except Exception as e:
+            raise ModelError(f"cannot read the config of {spec!r}: {_first_line(e)}") from None
+        self.store = TensorStore(loc)
+        self.n_blocks = int(self.config.num_hidden_layers)
+        self.model = AutoModelForCausalLM.from_config(_one_block_config(self.config), dtype=torch.float32)
+        self.model.eval().requires_grad_(False)
+        self.model.config.use_cache = False
+        self.layout: ModelLayout = layout_for(self.model)
+        self.prefix = self.layout.blocks_path + "."
+        shell = {k: v for k, v in self.model.state_dict().items() if not k.startswith(self.prefix)}
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        for key, t in shell.items():
+            if key not in self.store.where and tied and key.endswith("lm_head.weight"):
+                continue  # tied to the embedding, restored by tie_weights below
+            t.copy_(self.store.get(key))
+        if tied:
+            self.model.tie_weights()
+        self.template = self.layout.blocks(self.model)[0]
+        self.fill(0, self.template)
+        self.tokenizer = None
+        if with_tokenizer:
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(loc)
+            except Exception as e:
+                raise ModelError(f"cannot load the tokenizer of {spec!r}: {_first_line(e)}") from None
+            check_tokenizer_fits(spec, self.model, self.tokenizer)
+
+    def fill(self, index: int, block: nn.Module) -> nn.Module:
+        for name, t in list(block.named_parameters()) + list(block.named_buffers()):
+            key = f"{self.prefix}{index}.{name}"
+            if key in self.store.where or isinstance(t, nn.Parameter):
+                t.data = self.store.get(key).to(torch.float32)
+        for m in block.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = index
+        return block
+
+    # the engine's block source -----------------------------------------------------------
+    def __len__(self) -> int:
+        return self.n_blocks
+
+    def peek(self, index: int) -> nn.Module:
+        """A module with block ``index``'s structure (for names and shapes only)."""
+        return self.template
+
+    def get(self, index: int) -> nn.Module:
+        if index == 0:
+            return self.template
+        return self.fill(index, copy.deepcopy(self.template))
+
+    def linears(self, index: int, block: nn.Module) -> dict[str, nn.Linear]:
+        return {f"{self.prefix}{index}.{n}": m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+    # output ------------------------------------------------------------------------------
+    def shard_name(self, index: int) -> str:
+        return f"model-{index + 1:05d}-of-{self.n_blocks + 1:05d}.safetensors"
+
+    def write_block(self, index: int, block: nn.Module, out: Path) -> None:
+        tensors = {f"{self.prefix}{index}.{k}": v.contiguous() for k, v in block.state_dict().items()}
+        save_file(tensors, str(out / self.shard_name(index)), metadata={"format": "pt"})
+
+    def write_rest(self, out: Path) -> None:
+        """The shell's own tensors, the shard index, the config (and the tokenizer)."""
+        seen: set[int] = set()
+        shell = {}
+        for k, v in self.model.state_dict().items():
+            if k.startswith(self.prefix) or v.data_ptr() in seen:
+                continue  # blocks are in their shards; a tied head is stored once, as the embedding
+            seen.add(v.data_ptr())
+            shell[k] = v.contiguous()
+        last = self.shard_name(self.n_blocks)
+        save_file(shell, str(out / last), metadata={"format": "pt"})
+        weight_map = {k: last for k in shell}
+        total = sum(v.numel() * v.element_size() for v in shell.values())
+        for i in range(self.n_blocks):
+            with safe_open(str(out / self.shard_name(i)), "pt") as h:
+                for k in h.keys():
+                    weight_map[k] = self.shard_name(i)
+                    sl = h.get_slice(k)
+                    total += torch.Size(sl.get_shape()).numel() * 4
+        (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                             "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        config = copy.deepcopy(self.config)
+        config.dtype = torch.float32
+        config.use_cache = True
+        config.save_pretrained(out)
+        gen = Path(self.location) / "generation_config.json"
+        if gen.is_file():
+            shutil.copyfile(gen, out / gen.name)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(out)
