@@ -60,7 +60,7 @@ def partial_dir(out: Path) -> Path:
 def atomic_dir(out: Path, *, reuse: bool = False, keep=None):
     """Yield a temporary folder beside ``out``; rename it to ``out`` only if the body succeeds.
 
-    On failure the folder is removed, unless ``keep()`` says it holds progress worth resuming:
+    On failure the folder is removed, unless ``keep(exc)`` says it holds progress worth resuming:
     it returns None (remove), or a hint for the user ("" to keep it silently), which is attached
     to the exception as ``slimkit_hint`` so that the CLI prints it on the error's one line. A
     full disk always removes it (the space is what the user needs back). ``reuse`` continues in
@@ -77,7 +77,7 @@ def atomic_dir(out: Path, *, reuse: bool = False, keep=None):
         os.replace(tmp, out)
     except BaseException as e:
         disk_full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-        hint = None if keep is None or disk_full else keep()
+        hint = None if keep is None or disk_full else keep(e)
         if hint is None:
             shutil.rmtree(tmp, ignore_errors=True)
         elif hint:

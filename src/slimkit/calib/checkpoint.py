@@ -94,13 +94,16 @@ class Checkpoint:
         self.opened = True
         return 0
 
-    def keep_message(self) -> str | None:
-        """After a failure: None if nothing is committed (remove the folder); else keep it, with a
-        message if this run made or continued the progress ("" if it belongs to another run)."""
+    def keep_message(self, exc: BaseException) -> str | None:
+        """After a failure: None to remove the folder (nothing committed, or an error a rerun would
+        meet again: bad input, NaN), "" to keep it silently (another run's progress, refused), or a
+        hint to keep it for --resume (an interruption: kill, Ctrl-C, a crash)."""
         if not (self.dir / PROGRESS).is_file():
             return None
         if not self.opened:
             return ""
+        if isinstance(exc, SlimkitError):
+            return None
         return f"progress kept in {self.dir.parent}: rerun the same command with --resume to continue"
 
     @property

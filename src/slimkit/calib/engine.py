@@ -196,6 +196,9 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         block = source.get(i)
         timings["load_block"] += time.perf_counter() - t
         linears = target_linears(source, recipe, i, block)
+        for name, p in block.named_parameters():  # before any forward spreads it: name the tensor
+            if not torch.isfinite(p).all():
+                raise NumericalError(f"block {i}: {layout.blocks_path}.{i}.{name} of the input model contains NaN/Inf")
 
         # 1. one forward with the original weights: statistics + dense outputs
         t = time.perf_counter()
