@@ -84,3 +84,11 @@ def test_low_memory_refusals(tiny_llama, text_file, tmp_path):
     with pytest.raises(SlimkitError, match="safetensors folder"):
         compress(str(gguf), "rtn-w4-g64", tmp_path / "b", calib=str(text_file), low_memory=True)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_resume_in_the_other_mode_is_refused_and_kept(four_blocks, text_file, tmp_path):  # noqa: F811
+    killed = run(four_blocks, "gptq-w4-g64", tmp_path / "out", text_file, env={"SLIMKIT_FAULT_KILL_AFTER_BLOCK": "1"})
+    assert killed.returncode == -signal.SIGKILL
+    other = run(four_blocks, "gptq-w4-g64", tmp_path / "out", text_file, "--low-memory", "--resume")
+    assert other.returncode == 2 and "low_memory" in other.stderr, other.stderr
+    assert (tmp_path / ".out.partial" / "checkpoint" / "progress.json").is_file()

@@ -110,3 +110,20 @@ def test_same_inputs_give_byte_identical_files(tiny_llama, text_file, tmp_path):
         r = run(tiny_llama, "sparsegpt-2of4-gptq-w4", tmp_path / name, text_file)
         assert r.returncode == 0, r.stderr
     assert_same_files(tmp_path / "a", tmp_path / "b")
+
+
+def test_finetuning_an_unquantized_base_checkpoints(four_blocks, text_file, tmp_path):  # noqa: F811
+    """Wanda + fp16 adapters + fine-tuning: the base weight is both a state record and the
+    fine-tuning payload; the checkpoint must hold it once (safetensors refuses shared tensors)."""
+    rec = {"stages": [{"method": "wanda", "sparsity": "2:4"},
+                      {"method": "slim_lora", "rank": 8, "adapter_bits": None, "pad_to": None}],
+           "finetune": {"steps": 2, "batch_size": 2, "lr": 1e-3, "warmup": 0}}
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(rec))
+    ref = run(four_blocks, p, tmp_path / "ref", text_file)
+    assert ref.returncode == 0, ref.stderr
+    killed = run(four_blocks, p, tmp_path / "out", text_file, env={"SLIMKIT_FAULT_KILL_AFTER_BLOCK": "2"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run(four_blocks, p, tmp_path / "out", text_file, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_files(tmp_path / "ref", tmp_path / "out")

@@ -76,7 +76,8 @@ def atomic_dir(out: Path, *, reuse: bool = False, keep=None):
             out.rmdir()  # empty, checked before
         os.replace(tmp, out)
     except BaseException as e:
-        disk_full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        disk_full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) \
+            or "No space left on device" in str(e)  # e.g. from safetensors' own writer
         hint = None if keep is None or disk_full else keep(e)
         if hint is None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -138,7 +139,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
     fingerprint = {
         "model": str(location), "model_files": files_digest(location), "recipe": rec.to_dict(),
         "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
-        "calibration_tokens": tensor_digest(ids), "batch_size": batch_size,
+        "calibration_tokens": tensor_digest(ids), "batch_size": batch_size, "low_memory": low_memory,
         "versions": {"slimkit": __version__, "torch": torch.__version__},
     }
     ckpt = None if dist.active() else Checkpoint(partial / "checkpoint", fingerprint)
@@ -219,15 +220,17 @@ class _Records:
             if name in self.adapters:
                 a = self.adapters[name]
                 meta["adapters"][name] = {"bits": a["bits"], "group": a["group"]}
-                tensors[f"finetune::{name}::weight"] = a["weight"]  # L and R are in the state record
+                if f"{name}.weight" not in tensors:  # an unquantized base is in the state record already
+                    tensors[f"finetune::{name}::weight"] = a["weight"]  # (and so are L and R)
         if self.spill:
             self.state.spill(self.directory, index, tensors)
         return tensors, meta
 
     def on_restore(self, tensors: dict, meta: dict) -> None:
         for name, a in meta["adapters"].items():
-            self.adapters[name] = {"weight": tensors.pop(f"finetune::{name}::weight"), "L": tensors[f"{name}.L"],
-                                   "R": tensors[f"{name}.R"]} | a
+            base = tensors.pop(f"finetune::{name}::weight", None)
+            self.adapters[name] = {"weight": tensors[f"{name}.weight"] if base is None else base,
+                                   "L": tensors[f"{name}.L"], "R": tensors[f"{name}.R"]} | a
         self.state.add(tensors, meta["layers"])
         self.state.take_new()
         if self.spill:

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run of the same command from its last finished block")
     c.add_argument("--low-memory", action="store_true",
                    help="read the blocks of a safetensors folder one at a time and write the output block by "
-                        "block: peak memory no longer grows with the number of blocks (models larger than RAM)")
+                        "block: peak memory no longer grows with the number of blocks (models larger than RAM; "
+                        "the evaluation loads the written model whole, so pass --no-eval if it does not fit)")
     c.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration activations in memory-mapped files beside --out, not in RAM")
 
@@ -190,7 +191,7 @@ def _describe(e: BaseException) -> tuple[str, int]:
         return "interrupted", 130
     if isinstance(e, _Terminated):
         return "terminated", 143
-    if isinstance(e, OSError):  # disk full, permissions, ...: the partial output is already removed
+    if isinstance(e, OSError):  # disk full (the partial output is removed), permissions, ...
         return f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}", 2
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"internal error: {type(e).__name__}: {first} (SLIMKIT_DEBUG=1 shows the traceback)", 1

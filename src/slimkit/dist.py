@@ -28,7 +28,8 @@ def setup() -> None:
     """Join the process group torchrun describes (idempotent; nothing to do in a single process)."""
     if not launched() or dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # the engine computes on the CPU: gloo carries CPU tensors; nccl joins for CUDA tensors when present
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     # compression of a block can take long on one worker while the others wait in a collective
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=6))
     log.info("worker %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
@@ -72,6 +73,11 @@ def gather_rows(t: torch.Tensor, limit: int) -> torch.Tensor:
     parts: list = [None] * world_size()
     dist.all_gather_object(parts, t)
     return torch.cat(parts)[:limit]
+
+
+def any_true(flag: bool) -> bool:
+    """True on every worker if ``flag`` is true on any (so that all raise together)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)]))[0] > 0)
 
 
 def barrier() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import SlimkitError
+from ..errors import NumericalError, SlimkitError
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +95,15 @@ class Checkpoint:
         return 0
 
     def keep_message(self, exc: BaseException) -> str | None:
-        """After a failure: None to remove the folder (nothing committed, or an error a rerun would
-        meet again: bad input, NaN), "" to keep it silently (another run's progress, refused), or a
-        hint to keep it for --resume (an interruption: kill, Ctrl-C, a crash)."""
+        """After a failure: None to remove the folder (nothing committed, or NaN/Inf, which a rerun
+        would meet again; bad input is refused before the first commit), "" to keep it silently
+        (another run's progress, refused), or a hint to keep it for --resume (a kill, Ctrl-C, a
+        crash, an unreadable checkpoint file, a failure after the last block)."""
         if not (self.dir / PROGRESS).is_file():
             return None
         if not self.opened:
             return ""
-        if isinstance(exc, SlimkitError):
+        if isinstance(exc, NumericalError):  # NaN/Inf: resuming would meet it again
             return None
         return f"progress kept in {self.dir.parent}: rerun the same command with --resume to continue"
 
@@ -161,6 +162,8 @@ class Checkpoint:
 
     def remove(self) -> None:
         if self.dir.is_dir():
+            if (self.dir / PROGRESS).exists():
+                (self.dir / PROGRESS).unlink()  # first: a kill in the middle leaves no commit to trust
             for f in self.dir.iterdir():
                 f.unlink()
             self.dir.rmdir()

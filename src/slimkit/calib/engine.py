@@ -158,7 +158,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
     t = time.perf_counter()
     inputs, kwargs_list = capture_block_inputs(model, source.get(0), calib_ids, batch_size)
     timings["capture"] += time.perf_counter() - t
-    if not torch.isfinite(inputs).all():
+    if dist.any_true(not torch.isfinite(inputs).all()):  # every worker raises, none waits in a collective
         raise NumericalError("the embeddings of the calibration data contain NaN/Inf")
     inputs = activation_buffer(activations, "a", inputs)
     dense_out = activation_buffer(activations, "b", inputs, copy=False)
@@ -186,11 +186,9 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         timings.update(prog["timings"])
         prior_total = timings.pop("total", 0.0)
     fault = os.environ.get("SLIMKIT_FAULT_KILL_AFTER_BLOCK")  # tests: SIGKILL right after a commit
-    bar = tqdm(range(len(source)), desc=f"compress [{recipe.name}]", unit="block", disable=not progress,
-               initial=start)
+    bar = tqdm(range(start, len(source)), desc=f"compress [{recipe.name}]", unit="block", disable=not progress,
+               initial=start, total=len(source))
     for i in bar:
-        if i < start:
-            continue
         tb = time.perf_counter()
         t = time.perf_counter()
         block = source.get(i)
@@ -242,7 +240,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         with probe.attach():
             run_block(block, inputs, kwargs_list, batch_size, out=next_in, on_batch=probe.new_batch)
         timings["next_forward"] += time.perf_counter() - t
-        if not torch.isfinite(next_in).all():
+        if dist.any_true(not torch.isfinite(next_in).all()):
             raise NumericalError(f"block {i} produces NaN/Inf outputs after compression")
         rel = probe.relative()
         block_layers: list[LayerReport] = []

@@ -42,7 +42,7 @@ class TensorStore:
                 for key, fname in json.loads(index.read_text())["weight_map"].items():
                     self.where[key] = self.folder / fname
             else:
-                for f in sorted(self.folder.glob("*.safetensors")):
+                for f in sorted(self.folder.glob("model*.safetensors")):  # not e.g. slimkit_state.safetensors
                     with safe_open(str(f), "pt") as h:
                         for key in h.keys():
                             self.where[key] = f
