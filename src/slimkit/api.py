@@ -203,7 +203,6 @@ class _Records:
         self.state = StateRecorder()
         self.spill = spill  # write each block's records to a shard in ``directory`` and forget them
         self.directory = None
-        self._restored = 0
         self.keep_adapters = keep_adapters
         self.adapters: dict[str, dict] = {}
 
@@ -226,7 +225,7 @@ class _Records:
             self.state.spill(self.directory, index, tensors)
         return tensors, meta
 
-    def on_restore(self, tensors: dict, meta: dict) -> None:
+    def on_restore(self, index: int, tensors: dict, meta: dict) -> None:
         for name, a in meta["adapters"].items():
             base = tensors.pop(f"finetune::{name}::weight", None)
             self.adapters[name] = {"weight": tensors[f"{name}.weight"] if base is None else base,
@@ -234,8 +233,7 @@ class _Records:
         self.state.add(tensors, meta["layers"])
         self.state.take_new()
         if self.spill:
-            self.state.spill(self.directory, self._restored, tensors)
-        self._restored += 1
+            self.state.spill(self.directory, index, tensors)
 
 
 def evaluate_against_dense(model, dense_spec: str, windows: torch.Tensor, *, progress: bool = True,

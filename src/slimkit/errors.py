@@ -21,6 +21,12 @@ class NumericalError(SlimkitError):
     """NaN/Inf or a factorisation that cannot be repaired."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty): one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def require_positive_ints(obj, keys, prefix: str = "") -> None:
     """RecipeError unless every attribute ``keys`` of a config dataclass is a positive integer."""
     for key in keys:

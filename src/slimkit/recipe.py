@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import RecipeError
+from .errors import RecipeError, first_line
 from .finetune import FinetuneConfig
 from .methods import STAGES, Stage, build_stage
 
@@ -146,8 +146,7 @@ class Recipe:
         try:
             d = yaml.safe_load(path.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {first}") from None
+            raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {first_line(e)}") from None
         return cls.from_dict(d, default_name=path.stem)
 
     def to_yaml(self) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import SlimkitError
+from .errors import SlimkitError, first_line
 from .methods.base import LinearState
 from .ops.quant import quantize_matrix
 
@@ -52,6 +52,12 @@ def layer_record(state: LinearState) -> tuple[dict[str, torch.Tensor], dict]:
     return {f"{state.name}.{k}": v.contiguous() for k, v in tensors.items()}, meta
 
 
+def save_sorted(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Sorted, with ONE metadata key (safetensors writes metadata in hash order): the file's bytes
+    depend only on its content, not on the order of recording (resume) or the process."""
+    save_file({k: tensors[k].contiguous() for k in sorted(tensors)}, str(path), metadata={"format": "slimkit-state/1"})
+
+
 class StateRecorder:
     """An ``on_layer`` callback for the engine that keeps every layer's record."""
 
@@ -65,8 +71,7 @@ class StateRecorder:
         """Write one block's records to their own shard and drop them from memory (models larger
         than RAM); ``save`` then writes an index of the shards."""
         name = f"slimkit_state-{index:05d}.safetensors"
-        save_file({k: tensors[k].contiguous() for k in sorted(tensors)}, str(Path(directory) / name),
-                  metadata={"format": "slimkit-state/1"})
+        save_sorted(tensors, Path(directory) / name)
         for k in tensors:
             self.tensors.pop(k, None)
             self.shards[k] = name
@@ -92,12 +97,8 @@ class StateRecorder:
             if self.tensors:
                 raise RuntimeError("records left in memory next to written shards")
             (directory / STATE_INDEX).write_text(json.dumps({"weight_map": dict(sorted(self.shards.items()))}, indent=1))
-            (directory / META_FILE).write_text(json.dumps(header | {"layers": self.layers}, indent=1))
-            return
-        # sorted, and ONE metadata key (safetensors writes metadata in hash order): the file's bytes
-        # must depend only on its content, not on the order of recording (resume) or the process
-        save_file({k: self.tensors[k].contiguous() for k in sorted(self.tensors)}, str(directory / STATE_FILE),
-                  metadata={"format": "slimkit-state/1"})
+        else:
+            save_sorted(self.tensors, directory / STATE_FILE)
         (directory / META_FILE).write_text(json.dumps(header | {"layers": self.layers}, indent=1))
 
 
@@ -118,6 +119,5 @@ def load_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         try:
             tensors.update(load_file(str(d / name)))
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SlimkitError(f"{str(d / name)!r} is corrupt: {first}") from None
+            raise SlimkitError(f"{str(d / name)!r} is corrupt: {first_line(e)}") from None
     return tensors, meta

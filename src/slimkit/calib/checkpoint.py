@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import NumericalError, SlimkitError
+from ..errors import NumericalError, SlimkitError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,9 @@ class Checkpoint:
         here); return its payload."""
         tensors = self._load(self.dir / f"block_{index}.safetensors")
         payload = {k[len(PAYLOAD):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(PAYLOAD)]}
+        meta = self.progress.get("payload_meta", [{}] * self.done)[index]
         if block is None:
-            return payload, self.progress.get("payload_meta", [{}] * self.done)[index]
+            return payload, meta
         missing, unexpected = block.load_state_dict(tensors, strict=False)
         if missing or unexpected:
             raise SlimkitError(f"--resume: block {index} of the checkpoint does not fit the model "
@@ -157,8 +158,7 @@ class Checkpoint:
         try:
             return load_file(str(path))
         except Exception as e:  # a truncated file: the run cannot continue from here
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SlimkitError(f"--resume: checkpoint file {str(path)!r} is unreadable ({first})") from None
+            raise SlimkitError(f"--resume: checkpoint file {str(path)!r} is unreadable ({first_line(e)})") from None
 
     def remove(self) -> None:
         if self.dir.is_dir():

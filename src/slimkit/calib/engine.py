@@ -124,7 +124,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
 
     With a ``checkpoint``, every finished block is committed to it together with the payload
     ``on_block(i) -> (tensors, meta)`` returns, and a checkpoint that already holds finished
-    blocks is resumed: their compressed weights are loaded, ``on_restore(tensors, meta)`` gets
+    blocks is resumed: their compressed weights are loaded, ``on_restore(i, tensors, meta)`` gets
     their payloads back, and compression continues from the first unfinished block.
 
     ``source`` gives the blocks (default: the model's own, in memory; a StreamedModel reads
@@ -141,17 +141,16 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
     source = source if source is not None else ResidentBlocks(model, layout)
     check_recipe_fits(source, recipe)
     refiners = [st for st in recipe.stages if type(st).refine_block is not Stage.refine_block]
+    n_sequences = int(calib_ids.shape[0])
     if dist.active():  # torchrun: this worker's share of the calibration windows
         if refiners:
             raise SlimkitError(f"stage {refiners[0].name!r} refines whole blocks on the calibration data and "
                                "cannot run split across workers yet; run it in one process")
         if checkpoint is not None:
             raise SlimkitError("checkpoints (--resume) are not supported with several workers yet")
-        if calib_ids.shape[0] < dist.world_size():
-            raise SlimkitError(f"{calib_ids.shape[0]} calibration sequences cannot be split across "
+        if n_sequences < dist.world_size():
+            raise SlimkitError(f"{n_sequences} calibration sequences cannot be split across "
                                f"{dist.world_size()} workers")
-    n_sequences = int(calib_ids.shape[0])
-    if dist.active():
         calib_ids = calib_ids[dist.shard(n_sequences)]
     probe_batches = max(1, -(-min(probe_sequences, calib_ids.shape[0]) // batch_size))
 
@@ -173,7 +172,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         for j in range(start):  # a streamed block is already in its output shard
             payload, meta = checkpoint.restore_block(j, source.get(j) if source.resident else None)
             if on_restore is not None:
-                on_restore(payload, meta)
+                on_restore(j, payload, meta)
         restored = checkpoint.restore_inputs()
         if restored.shape != inputs.shape:
             raise NumericalError(f"the checkpoint's activations {tuple(restored.shape)} do not match the "

@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from .. import dist
 from ..errors import NumericalError, RecipeError
 from ..ops.bits import FP16 as FP16_BITS
 from ..ops.bits import weight_bits
@@ -60,7 +61,6 @@ class LinearStats:
     def all_reduce(self) -> None:
         """Sum the statistics over torch.distributed workers (each saw its share of the
         calibration data); the input sample becomes the first rows of all workers' in order."""
-        from .. import dist
         if self.final or not dist.active():
             return
         counts = dist.all_reduce_sum(torch.tensor([self.nsamples, self.ntokens], dtype=torch.float64))

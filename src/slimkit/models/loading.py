@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +25,6 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SLIMKIT_CACHE") or Path.home() / ".cache" / "slimkit")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def default_gguf_path() -> Path:
@@ -60,7 +55,7 @@ def _load_gguf(path: Path, dtype):
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     except Exception as e:  # gguf raises assorted errors on truncated/corrupt files
-        raise ModelError(f"cannot read GGUF file {str(path)!r}: {_first_line(e)}") from None
+        raise ModelError(f"cannot read GGUF file {str(path)!r}: {first_line(e)}") from None
     _strip_gguf_quantizer(model)
     return model, tok
 
@@ -118,7 +113,7 @@ def load_tokenizer(spec: str):
             return AutoTokenizer.from_pretrained(str(Path(loc).parent), gguf_file=Path(loc).name)
         return AutoTokenizer.from_pretrained(loc)
     except Exception as e:
-        raise ModelError(f"cannot load the tokenizer of {spec!r}: {_first_line(e)}") from None
+        raise ModelError(f"cannot load the tokenizer of {spec!r}: {first_line(e)}") from None
 
 
 def check_tokenizer_fits(spec: str, model, tok) -> None:
@@ -157,17 +152,17 @@ def load_model(spec: str, dtype=torch.float32, with_tokenizer: bool = True):
             AutoConfig.from_pretrained(loc)
         except Exception as e:
             where = "from the Hugging Face hub (is it reachable?)" if kind == "hub" else f"from {loc!r}"
-            raise ModelError(f"cannot read the config of {spec!r} {where}: {_first_line(e)}") from None
+            raise ModelError(f"cannot read the config of {spec!r} {where}: {first_line(e)}") from None
         try:
             model = AutoModelForCausalLM.from_pretrained(loc, dtype=dtype)
         except Exception as e:
-            raise ModelError(f"cannot load the weights of {spec!r}: {_first_line(e)}") from None
+            raise ModelError(f"cannot load the weights of {spec!r}: {first_line(e)}") from None
         tok = None
         if with_tokenizer:
             try:
                 tok = AutoTokenizer.from_pretrained(loc)
             except Exception as e:
-                raise ModelError(f"cannot load the tokenizer of {spec!r}: {_first_line(e)}") from None
+                raise ModelError(f"cannot load the tokenizer of {spec!r}: {first_line(e)}") from None
     if tok is not None:
         check_tokenizer_fits(spec, model, tok)
     model.eval()

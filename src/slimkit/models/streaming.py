@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from .layout import ModelLayout, layout_for
-from .loading import _first_line, check_tokenizer_fits, resolve
+from .loading import check_tokenizer_fits, resolve
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class TensorStore:
                         for key in h.keys():
                             self.where[key] = f
         except Exception as e:
-            raise ModelError(f"cannot read the weights of {str(self.folder)!r}: {_first_line(e)}") from None
+            raise ModelError(f"cannot read the weights of {str(self.folder)!r}: {first_line(e)}") from None
         if not self.where:
             raise ModelError(f"--low-memory needs safetensors weights; {str(self.folder)!r} has none")
 
@@ -59,7 +59,7 @@ class TensorStore:
             with safe_open(str(f), "pt") as h:
                 return h.get_tensor(key)
         except Exception as e:
-            raise ModelError(f"cannot load the weights of {str(self.folder)!r}: {_first_line(e)}") from None
+            raise ModelError(f"cannot load the weights of {str(self.folder)!r}: {first_line(e)}") from None
 
 
 def _one_block_config(config):
@@ -85,7 +85,7 @@ class StreamedModel:
         try:
             self.config = AutoConfig.from_pretrained(loc)
         except Exception as e:
-            raise ModelError(f"cannot read the config of {spec!r}: {_first_line(e)}") from None
+            raise ModelError(f"cannot read the config of {spec!r}: {first_line(e)}") from None
         self.store = TensorStore(loc)
         self.n_blocks = int(self.config.num_hidden_layers)
         self.model = AutoModelForCausalLM.from_config(_one_block_config(self.config), dtype=torch.float32)
@@ -108,7 +108,7 @@ class StreamedModel:
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(loc)
             except Exception as e:
-                raise ModelError(f"cannot load the tokenizer of {spec!r}: {_first_line(e)}") from None
+                raise ModelError(f"cannot load the tokenizer of {spec!r}: {first_line(e)}") from None
             check_tokenizer_fits(spec, self.model, self.tokenizer)
 
     def fill(self, index: int, block: nn.Module) -> nn.Module:
