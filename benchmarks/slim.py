@@ -37,7 +37,7 @@ SETTINGS = {
 
 
 # runs whose wall time was taken while another job (tests, the memory benchmark) shared the 2 cores
-SHARED_MACHINE = {"sparsegpt-gptq", "wanda-absmax", "naive-lora", "slim-lora", "slim"}
+SHARED_MACHINE = {"wanda-absmax", "naive-lora", "slim-lora", "slim-unstructured-ft", "slim-plus-unstructured"}
 
 
 def gap_table(rows: list[dict], dense_ppl: float) -> str:

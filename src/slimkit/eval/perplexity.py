@@ -102,7 +102,7 @@ def evaluate(model, windows: torch.Tensor, reference=None, *, cache: ReferenceCa
                     cache.open((n, S - 1, V))
                     opened = True
                 if cache is not None and cache.ready():
-                    ref = torch.from_numpy(np.asarray(cache.arr[s:s + batch_size]))
+                    ref = torch.from_numpy(np.array(cache.arr[s:s + batch_size]))  # a copy: the memmap is read-only
                 else:
                     ref = _logprobs(reference, ids)
                     if cache is not None:
