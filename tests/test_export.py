@@ -150,6 +150,29 @@ def test_native_adapters_and_mixed_bits(tiny_llama, tmp_path, ids):
     assert (_logits(load(out, mode="dequant"), ids) - _logits(ref, ids)).abs().max() < EXACT_TOL
 
 
+
+def test_native_reallm_keeps_the_vq_code_not_a_dense_weight(tiny_llama, text_file, tmp_path, ids):
+    src = _compress(tiny_llama, tmp_path / "r", [{"method": "reallm", "bits": 3.0, "ranks": [0, 4],
+                                                   "kmeans_iters": 3}], text_file)
+    out = export(src, "native", tmp_path / "n")
+    manifest, stored = read_native(out)
+    vq = [n for n, e in manifest["layers"].items() if e.get("base") == "vq"]
+    assert len(vq) == len(manifest["layers"])  # every layer: its code, no dense weight
+    assert not any(k.endswith((".weight", ".effective")) for k in stored if k.rsplit(".", 1)[0] in vq)
+    layers, _ = decode_all(manifest, stored)
+    folder = SlimkitFolder(src)
+    for name, rec in layers.items():
+        orig = folder.record(name)
+        assert set(rec.tensors) == set(orig.tensors), name
+        for k, v in orig.tensors.items():
+            assert torch.equal(rec.tensors[k], v), (name, k)
+    ref = load_model(str(src), with_tokenizer=False)[0]
+    sd = load(out, runtime="dense").state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in ref.state_dict().items())
+    assert (_logits(load(out), ids) - _logits(ref, ids)).abs().max() < EXACT_TOL
+    fp16 = sum(e["shape"][0] * e["shape"][1] * 16 for e in manifest["layers"].values())
+    assert sum(sum(e["parts"].values()) for e in manifest["layers"].values()) < 0.35 * fp16
+
 # -- compressed-tensors ----------------------------------------------------------------------
 def _ct_check(src, out, ids, dequantize=False):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig

@@ -48,6 +48,8 @@ def layer_record(state: LinearState) -> tuple[dict[str, torch.Tensor], dict]:
             tensors["weight"] = state.weight.float()
     for key, value in state.tensors.items():
         tensors[key] = value
+    if "vq" in state.notes:  # how to decode a vector-quantized base from its tensors
+        meta["vq"] = state.notes["vq"]
     meta["bits"] = state.bits()
     return {f"{state.name}.{k}": v.contiguous() for k, v in tensors.items()}, meta
 

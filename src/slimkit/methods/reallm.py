@@ -177,7 +177,11 @@ class ReALLM(Stage):
         if rank:
             state.L, state.R = res.B.T.contiguous(), res.A.T.contiguous()  # y += (x L) R = x (A B)^T
         state.notes["grid"] = grid
+        if not used_decoder:  # the persisted code alone gives the base weight (native export reads this)
+            state.notes["vq"] = {"d": cfg.d, "code_bits": cfg.code_bits, "block": cfg.block,
+                                 "scale_group": cfg.scale_group}
         state.notes["reallm"] = {"rank": rank, "d": cfg.d, "K": cfg.K, "block": cfg.block,
+                                 "scale_group": cfg.scale_group,
                                  "permute": self.permute, "candidates": len(cands),
                                  "lq_errors": [round(e, 6) for e in res.history],
                                  "lq_rejected": res.rejected, "decoder": used_decoder}

@@ -14,6 +14,9 @@ compressed Linear ``P`` (b = a code width; several widths when SliM-LLM's ``grou
 - ``P.L.codes`` / ``P.L.scale`` (and R): AbsMax-quantized adapters as b-bit codes plus one scale per
   group of rows and column; float adapters as ``P.L`` / ``P.R``.
 - ``P.values`` (kept fp values of a pruned, unquantized weight) or ``P.weight`` (a float base).
+- ReALLM layers: ``P.x.vq_codes`` (packed codes), ``P.x.vq_codebook``, ``P.x.vq_scale_q`` /
+  ``P.x.vq_scale_max`` (double-quantized block scales), ``P.x.vq_perm``; the base is their decoding
+  (no dense weight), the low-rank parts are the adapters.
 - every other tensor of the model (embeddings, norms, biases, lm_head) under its own name.
 
 Float tensors are stored in the narrowest of fp16 / bf16 / fp32 that holds them exactly (the
@@ -149,6 +152,28 @@ def _adapter_codes(M: torch.Tensor, bits: int, group: int):
     return codes, best_s
 
 
+VQ_KEYS = ("vq_codes", "vq_codebook", "vq_scale_q", "vq_scale_max", "vq_perm")
+VQ_PARTS = {"vq_codes": "weights", "vq_codebook": "codebook", "vq_scale_q": "scales", "vq_scale_max": "scales",
+            "vq_perm": "metadata"}
+
+
+def _vq_code(name: str, cfg: dict, shape, t: dict):
+    from ..ops.vq import VQCode, VQConfig
+    config = VQConfig(cfg["d"], cfg["code_bits"], cfg["block"], cfg["scale_group"])
+    return VQCode(config, tuple(shape), t["vq_codes"], t["vq_codebook"], t["vq_scale_q"], t["vq_scale_max"],
+                  t.get("vq_perm"))
+
+
+def _vq_config(rec: LayerRecord) -> dict | None:
+    """The VQ configuration of a ReALLM layer whose stored code decodes to its base weight bit for
+    bit (not with the learned decoder, whose output the code alone does not give), else None."""
+    t, cfg = rec.tensors, rec.meta.get("vq")
+    if cfg is None or "vq_codes" not in t or "codes" in t or "mask" in t:
+        return None
+    base = _vq_code(rec.name, cfg, rec.shape, t).decode()
+    return cfg if torch.equal(rec.merged(base), rec.effective) else None
+
+
 def encode_layer(rec: LayerRecord, store: dict, dtypes: dict) -> dict:
     """Write one Linear's tensors into ``store``; -> its manifest entry."""
     N, K = rec.shape
@@ -205,6 +230,12 @@ def encode_layer(rec: LayerRecord, store: dict, dtypes: dict) -> dict:
         for key in ("group_bits", "input_scale"):
             if key in t:
                 w.put(key, t[key], "metadata")
+    elif (vq := _vq_config(rec)) is not None:  # ReALLM: the base is its VQ code, decoded on load
+        for key in VQ_KEYS:
+            if key in t:
+                w.put(f"x.{key}", t[key], VQ_PARTS[key])
+        entry["base"] = "vq"
+        entry["vq"] = vq
     elif "weight" in t or kept is not None:
         base = rec.base_weight()
         if kept is not None and bool((base[~kept] == 0).all()):
@@ -234,15 +265,16 @@ def encode_layer(rec: LayerRecord, store: dict, dtypes: dict) -> dict:
                 entry["adapters"][key] = {"encoding": "absmax", "bits": ad["bits"], "group": ad.get("group", 128),
                                           "shape": list(M.shape)}
     for key in rec.extras:
-        if key not in ("group_bits", "input_scale"):
+        if key not in ("group_bits", "input_scale") and f"{rec.name}.x.{key}" not in store:
             w.put(f"x.{key}", t[key], "metadata")
     entry["extras"] = [k for k in rec.extras if k not in ("group_bits", "input_scale")]
     entry["parts"] = w.parts
     return entry
 
 
-def decode_layer(name: str, entry: dict, t: dict, dtypes: dict) -> LayerRecord:
-    """Inverse of :func:`encode_layer`: the layer's state tensors and its effective weight."""
+def decode_layer(name: str, entry: dict, t: dict, dtypes: dict, effective: bool = True) -> LayerRecord:
+    """Inverse of :func:`encode_layer`: the layer's state tensors and (``effective``) its effective
+    weight; without it the record holds only the packed state (what the packed runtime needs)."""
     def get(key):
         full = f"{name}.{key}"
         if full not in t:
@@ -291,6 +323,9 @@ def decode_layer(name: str, entry: dict, t: dict, dtypes: dict) -> LayerRecord:
             sel = sel_base & (bits_el == b)
             codes[sel] = unpack_bits(get(f"codes{b}"), b, int(sel.sum()))
         out["codes"] = codes
+    elif entry.get("base") == "vq":
+        vt = {k: get(f"x.{k}") for k in VQ_KEYS if f"{name}.x.{k}" in t}
+        out["weight"] = _vq_code(name, entry["vq"], (N, K), vt).decode()
     elif entry.get("base") == "values":
         vals = get("values")
         W = torch.zeros(N, K, dtype=vals.dtype)
@@ -311,9 +346,10 @@ def decode_layer(name: str, entry: dict, t: dict, dtypes: dict) -> LayerRecord:
             out[key] = (out[key] * s[:, None, :]).reshape(-1, cols)[:rows]
     for key in entry.get("extras", []):
         out[key] = get(f"x.{key}")
-    rec = LayerRecord(name, meta, out, effective=torch.empty(0))
-    rec.effective = rec.merged() if "codes" in out else rec.merged(out["weight"].float())
-    if not entry.get("state_weight"):
+    rec = LayerRecord(name, dict(meta, shape=[N, K]), out, effective=torch.empty(0))
+    if effective:
+        rec.effective = rec.merged() if "codes" in out else rec.merged(out["weight"].float())
+    if not entry.get("state_weight") and (effective or "codes" in out):
         out.pop("weight", None)
     return rec
 
@@ -391,11 +427,11 @@ def read_native(directory: str | Path, verify: bool = True) -> tuple[dict, dict[
     return manifest, tensors
 
 
-def decode_all(manifest: dict, tensors: dict) -> tuple[dict[str, LayerRecord], dict[str, torch.Tensor]]:
+def decode_all(manifest: dict, tensors: dict, effective: bool = True) -> tuple[dict[str, LayerRecord], dict[str, torch.Tensor]]:
     """-> (layer records with reconstructed state, dense tensors in their original dtypes)."""
     dtypes = manifest.get("dtypes", {})
     try:
-        layers = {n: decode_layer(n, e, tensors, dtypes) for n, e in manifest["layers"].items()}
+        layers = {n: decode_layer(n, e, tensors, dtypes, effective) for n, e in manifest["layers"].items()}
     except (KeyError, ValueError, RuntimeError, IndexError) as e:
         raise PackError(f"packed tensors do not match the manifest: {first_line(e)}") from None
     dense = {}

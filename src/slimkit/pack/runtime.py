@@ -5,7 +5,8 @@ Measured on the 2-core CPU this project runs on (torch 2.13, 1 thread, the 210 L
 SmolLM2-135M in turn, so the weights do not sit in cache): PyTorch's int4 kernel
 (``_weight_int4pack_mm_for_cpu``) with **fp32** activations is ~70x SLOWER than a dense fp32
 matmul (it has no vectorised fp32 path); with **bf16** activations it is ~2.6x faster than dense
-fp32 at one token, and ~1.7x slower at 64 tokens (cache-hot, single matrix). So:
+fp32 at one token, and ~1.4x slower at 64 tokens than dequantizing + dense (the crossover lies between
+16 and 32 tokens). So:
 
 - few tokens (decode, ``<= kernel_max_tokens``): the int4 kernel on bf16 activations (per-group
   scales and zeros folded as (q - 8) s + (8 - z) s), or the int8 kernel for 8-bit per-channel
@@ -33,7 +34,7 @@ from .source import LayerRecord, PackError, expand_groups, first_line
 log = logging.getLogger(__name__)
 
 KERNEL_GROUPS = (256, 128, 64, 32)
-KERNEL_MAX_TOKENS = 8
+KERNEL_MAX_TOKENS = 16  # int4 kernel vs dequantize + dense crossed between 16 and 32 tokens (1 thread)
 
 
 def _int4_kernel_available() -> bool:
@@ -127,8 +128,12 @@ class PackedLinear(nn.Module):
         q = self.qweight
         if self.nibbles:
             q = torch.stack([q & 15, q >> 4], -1).reshape(self.out_features, self.in_features)
-        K = self.in_features
-        W = (q.float() - expand_groups(self.zero, K, self.group_size)) * expand_groups(self.scale, K, self.group_size)
+        N, K = self.out_features, self.in_features
+        g = self.group_size or K
+        if K % g == 0:  # per-group broadcast: no (out, in) copies of the scales and zeros
+            W = ((q.view(N, K // g, g).float() - self.zero[..., None]) * self.scale[..., None]).view(N, K)
+        else:
+            W = (q.float() - expand_groups(self.zero, K, g)) * expand_groups(self.scale, K, g)
         if self.input_scale is not None:
             W = W * self.input_scale[None, :]
         return W
@@ -195,7 +200,7 @@ def load(directory: str | Path, runtime: str = "packed", mode: str = "auto", ver
     if runtime not in ("packed", "dense"):
         raise ValueError(f"runtime must be packed or dense, got {runtime!r}")
     manifest, stored = read_native(d, verify=verify)
-    layers, dense = decode_all(manifest, stored)
+    layers, dense = decode_all(manifest, stored, effective=runtime == "dense")  # packed: no dense copy
     del stored
     model = _empty_model(d)
     for name, rec in layers.items():
