@@ -4,9 +4,9 @@ stored bit counted -> the "reallm" section of docs/results.md.
     python benchmarks/reallm.py            # reuses finished runs in benchmarks/runs/
     python benchmarks/reallm.py --fresh    # recompute everything
 
-Same protocol as benchmarks/core.py: each configuration is its own `slimkit compress` process,
-128 x 512 calibration tokens of the calibration plays (seed 0), 16,384 evaluation tokens of the
-held-out plays. Besides the built-in recipes (ReALLM at 3.0 / 2.0 bits/weight), ReALLM is also
+Same protocol as benchmarks/slim_llm.py, whose GPTQ and SliM-LLM runs it shares: each
+configuration is its own `slimkit compress` process, 32 x 512 calibration tokens of the
+calibration plays (seed 0), 16,384 evaluation tokens of the held-out plays. Besides the built-in recipes (ReALLM at 3.0 / 2.0 bits/weight), ReALLM is also
 run at exactly the bits/weight GPTQ g128 measured, from a recipe written next to the runs.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import math
 from collections import Counter
 
 from common import RUNS, command_lines, compress_run, machine, row, table, write_section
+from slim_llm import CALIB, tag as calib_tag
 
 from slimkit.recipe import builtin_recipes
 
@@ -50,7 +51,7 @@ def main():
     def run(label, recipe, tag=None):
         tag = tag or recipe
         fresh = args.fresh or (args.only is not None and tag in args.only)
-        report = compress_run(recipe, tag=tag, fresh=fresh)
+        report = compress_run(recipe, tag=calib_tag(tag), extra=CALIB, fresh=fresh)
         return row(label, report), report
 
     sections, details = [], []
@@ -83,8 +84,8 @@ def main():
     body = [
         "## ReALLM: low rank + vector-quantized residual (issue 5)",
         "",
-        "SmolLM2-135M-Instruct (embedded default), all 210 Linears compressed; calibration 128 x 512 tokens "
-        "(seed 0); evaluation 16,384 held-out tokens, windows of 512. Bits/weight count everything stored: "
+        "SmolLM2-135M-Instruct (embedded default), all 210 Linears compressed; calibration 32 x 512 tokens "
+        "(seed 0; the runs are shared with the SliM-LLM section); evaluation 16,384 held-out tokens, windows of 512. Bits/weight count everything stored: "
         "for GPTQ codes + fp16 scales + zero points; for ReALLM packed VQ codes, the fp16 codebook, 8-bit "
         "block scales with their fp32 group maxima, the packed column permutation and the fp16 low-rank "
         "factors. Each ReALLM matrix meets the budget on its own (rank, vector length, codebook and block "
