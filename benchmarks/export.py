@@ -28,7 +28,7 @@ if kind == "dense":
     model = load_model(path, with_tokenizer=False)[0]
 else:
     import slimkit.pack as pk
-    model = pk.load(path, mode="auto")
+    model = pk.load(path, mode="auto", head="int8" if kind == "packed-int8-head" else "exact")
 load_s = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 model.config.use_cache = True
@@ -42,7 +42,22 @@ with torch.inference_mode():
     t = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False, use_cache=True)
     decode = (out.shape[1] - 16) / (time.perf_counter() - t)
-print(json.dumps({"load_s": load_s, "rss_mb": rss, "prefill_tps": prefill, "decode_tps": decode}))
+rss_run = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"load_s": load_s, "rss_mb": rss, "rss_run_mb": rss_run, "prefill_tps": prefill, "decode_tps": decode}))
+"""
+
+
+HEAD_COST = r"""
+import json, sys, torch
+from transformers import AutoTokenizer
+from slimkit.data.sources import evaluation_ids
+from slimkit.eval.perplexity import evaluate
+from slimkit.pack import load
+path = sys.argv[1]
+windows = evaluation_ids("shakespeare:eval", AutoTokenizer.from_pretrained(path), 512, 4096)
+exact = load(path)
+r = evaluate(load(path, head="int8"), windows, exact, progress=False)
+print(json.dumps({"ppl": r.ppl, "ppl_exact": r.ref_ppl, "kl": r.kl, "tokens": r.tokens}))
 """
 
 
@@ -50,8 +65,9 @@ def sh(*args) -> str:
     return subprocess.run(list(args), cwd=ROOT, check=True, capture_output=True, text=True).stdout
 
 
-def measure(kind: str, path: str) -> dict:
-    return json.loads(sh(sys.executable, "-c", MEASURE, kind, path).strip().splitlines()[-1])
+def measure(kind: str, path: str, script: str = MEASURE) -> dict:
+    args = (kind, path) if script is MEASURE else (path,)
+    return json.loads(sh(sys.executable, "-c", script, *args).strip().splitlines()[-1])
 
 
 def info(path) -> dict:
@@ -68,9 +84,11 @@ def main():
              f"Machine: {machine()}. Regenerate: `python benchmarks/export.py --recipes {' '.join(args.recipes)}`.", "",
              "| recipe | format | size on disk (MiB) | vs fp16 model | compressed layers vs their fp16 | bits/weight by part |",
              "|---|---|---|---|---|---|"]
-    speed = ["", "| recipe | runtime | peak RSS loading (MiB) | load (s) | decode tok/s (batch 1) | prefill tok/s (512) |",
-             "|---|---|---|---|---|---|"]
+    speed = ["", "| recipe | runtime | peak RSS loading (MiB) | peak RSS after running (MiB) | load (s) | decode tok/s (batch 1) | prefill tok/s (512) |",
+             "|---|---|---|---|---|---|---|"]
     dense_done = False
+    costs = ["", "Cost of the int8 head (`slimkit generate DIR --head int8`, `slimkit.pack.load(DIR, head=\"int8\")`: "
+             "the output head quantized per row to 8 bits at load; not part of the compressed model):", ""]
     for recipe in args.recipes:
         base = RUNS / f"export-{recipe}"
         if not (base / "slimkit.json").is_file():
@@ -95,15 +113,19 @@ def main():
             lines.append(f"| {recipe} | {label} | {i['disk_bytes'] / 2**20:.1f} | {vs} | {ratio_layers} | {parts} |")
         if not dense_done:
             m = measure("dense", str(base))
-            speed.append(f"| — | dense fp32 | {m['rss_mb']:.0f} | {m['load_s']:.1f} | {m['decode_tps']:.1f} | {m['prefill_tps']:.0f} |")
+            speed.append(f"| — | dense fp32 | {m['rss_mb']:.0f} | {m['rss_run_mb']:.0f} | {m['load_s']:.1f} | {m['decode_tps']:.1f} | {m['prefill_tps']:.0f} |")
             dense_done = True
         if "native" in outs:
-            m = measure("packed", str(outs["native"]))
-            speed.append(f"| {recipe} | packed (native) | {m['rss_mb']:.0f} | {m['load_s']:.1f} | {m['decode_tps']:.1f} | {m['prefill_tps']:.0f} |")
+            for kind, label in (("packed", "packed (native)"), ("packed-int8-head", "packed + int8 head")):
+                m = measure(kind, str(outs["native"]))
+                speed.append(f"| {recipe} | {label} | {m['rss_mb']:.0f} | {m['rss_run_mb']:.0f} | {m['load_s']:.1f} | {m['decode_tps']:.1f} | {m['prefill_tps']:.0f} |")
+            c = measure("", str(outs["native"]), HEAD_COST)
+            costs.append(f"- {recipe}: ppl {c['ppl_exact']:.3f} -> {c['ppl']:.3f}, KL(exact head || int8 head) "
+                         f"{c['kl']:.5f} nats/token on {c['tokens']:,} held-out tokens")
     if fp16:
         lines.insert(6, f"| — | fp16 original (computed: params x 2 bytes) | {fp16 / 2**20:.1f} | 1.000x | 1.000x | 16 |")
-    write_section("export", "\n".join(lines + speed))
-    print("\n".join(lines + speed))
+    write_section("export", "\n".join(lines + speed + costs))
+    print("\n".join(lines + speed + costs))
 
 
 if __name__ == "__main__":

@@ -173,6 +173,24 @@ def test_native_reallm_keeps_the_vq_code_not_a_dense_weight(tiny_llama, text_fil
     fp16 = sum(e["shape"][0] * e["shape"][1] * 16 for e in manifest["layers"].values())
     assert sum(sum(e["parts"].values()) for e in manifest["layers"].values()) < 0.35 * fp16
 
+
+def test_int8_head_is_close_and_leaves_the_embedding_alone(sparse_w4, tmp_path, ids):
+    out = export(sparse_w4, "native", tmp_path / "n")
+    exact, q = load(out), load(out, head="int8")
+    head = q.get_output_embeddings()
+    assert isinstance(head, PackedLinear) and head.bits == 8 and head.group_size is None
+    W = exact.get_output_embeddings().weight
+    assert torch.equal(q.get_input_embeddings().weight, exact.get_input_embeddings().weight)
+    deq = head.dequantize()
+    # per-row symmetric 8-bit: every weight within half a step of its row's grid
+    assert ((deq - W).abs() <= W.abs().amax(1, keepdim=True) / 127 / 2 + 1e-7).all()
+    hidden = torch.randn(3, W.shape[1], generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(head(hidden[:, None])[:, 0], hidden @ deq.T, atol=0.02 * (hidden @ W.T).abs().max())
+    want, got = _logits(exact, ids), _logits(q, ids)
+    assert 0 < (got - want).abs().max() < KERNEL_REL_TOL * want.abs().max()
+    with pytest.raises(ValueError, match="head must be"):
+        load(out, head="int4")
+
 # -- compressed-tensors ----------------------------------------------------------------------
 def _ct_check(src, out, ids, dequantize=False):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
@@ -264,5 +282,7 @@ def test_cli_export_info(sparse_w4, tmp_path):
     assert r.returncode == 0, r.stderr
     r = _cli("info", str(tmp_path / "n"))
     assert r.returncode == 0 and "bits/weight mask" in r.stdout and "fp16 of the same layers" in r.stdout
+    r = _cli("generate", str(tmp_path / "n"), "--prompt", "hi", "--max-new-tokens", "3", "--head", "int8")
+    assert r.returncode == 0 and "3 tokens" in r.stderr, r.stderr
     r = _cli("export", str(sparse_w4), "--format", "native", "--out", str(tmp_path / "n"))
     assert r.returncode == 2 and "already exists" in r.stderr

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_positive(int), default=40)
     g.add_argument("--mode", default="auto", choices=["auto", "kernel", "dequant"],
                    help="packed runtime: kernels for decode (auto), always kernels, or exact fp32 dequantization")
+    g.add_argument("--head", default="exact", choices=["exact", "int8"],
+                   help="packed runtime: keep the output head as stored (exact) or quantize it per row to "
+                        "8 bits at load (faster decode, slightly different logits)")
     return p
 
 
@@ -154,7 +157,7 @@ def run(argv=None) -> int:
 
     if args.cmd == "generate":
         from .pack.generate import generate
-        r = generate(args.dir, args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode)
+        r = generate(args.dir, args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode, head=args.head)
         print(r["text"])
         print(f"\n[{r['new_tokens']} tokens, {r['tokens_per_s']:.1f} tokens/s decode, load {r['load_s']:.1f} s]",
               file=sys.stderr)

@@ -9,13 +9,14 @@ import torch
 from .source import PackError, first_line
 
 
-def generate(directory: str | Path, prompt: str, max_new_tokens: int = 40, mode: str = "auto") -> dict:
+def generate(directory: str | Path, prompt: str, max_new_tokens: int = 40, mode: str = "auto",
+             head: str = "exact") -> dict:
     from transformers import AutoTokenizer
 
     from .runtime import load
 
     t = time.perf_counter()
-    model = load(directory, mode=mode)
+    model = load(directory, mode=mode, head=head)
     try:
         tok = AutoTokenizer.from_pretrained(str(directory))
     except Exception as e:

@@ -316,13 +316,25 @@ def decode_layer(name: str, entry: dict, t: dict, dtypes: dict, effective: bool 
         else:
             zero = get("zero").float()
         out["zero"] = zero.to(zdt) if zdt is not None else zero.to(torch.uint8)
-        bits_el = colbits.expand(N, K)
-        sel_base = kept if (kept is not None and entry.get("codes_of_pruned") == "zero") else torch.ones(N, K, dtype=torch.bool)
-        codes = expand_groups(zero, K, g).round().to(torch.uint8) if sel_base is kept else torch.zeros(N, K, dtype=torch.uint8)
-        for b in entry["code_bits"]:
-            sel = sel_base & (bits_el == b)
-            codes[sel] = unpack_bits(get(f"codes{b}"), b, int(sel.sum()))
-        out["codes"] = codes
+        compact = kept is not None and entry.get("codes_of_pruned") == "zero"
+        widths = entry["code_bits"]
+        if compact:  # pruned codes equal the zero point
+            codes = expand_groups(zero.round().to(torch.uint8), K, g).contiguous()
+        if len(widths) == 1:  # one width: no (N, K) selection masks (they fragment the heap: 3x the RSS)
+            vals = unpack_bits(get(f"codes{widths[0]}"), widths[0], int(kept.sum()) if compact else N * K)
+            if compact:
+                codes.masked_scatter_(kept, vals)
+            else:
+                codes = vals.view(N, K)
+        else:
+            bits_el = colbits.expand(N, K)
+            sel_base = kept if compact else torch.ones(N, K, dtype=torch.bool)
+            if not compact:
+                codes = torch.zeros(N, K, dtype=torch.uint8)
+            for b in widths:
+                sel = sel_base & (bits_el == b)
+                codes[sel] = unpack_bits(get(f"codes{b}"), b, int(sel.sum()))
+        out["codes"] = codes.clone() if codes._base is not None else codes  # not a view of a larger temporary
     elif entry.get("base") == "vq":
         vt = {k: get(f"x.{k}") for k in VQ_KEYS if f"{name}.x.{k}" in t}
         out["weight"] = _vq_code(name, entry["vq"], (N, K), vt).decode()

@@ -184,13 +184,31 @@ def _empty_model(directory: Path):
     return model
 
 
-def load(directory: str | Path, runtime: str = "packed", mode: str = "auto", verify: bool = True):
+def int8_head(weight: torch.Tensor, mode: str = "auto") -> PackedLinear:
+    """The output head quantized per row, symmetric 8-bit (codes - 128) * absmax / 127, as a
+    PackedLinear (the int8 kernel at decode, exact dequantization for longer inputs). Lossy:
+    callers that use it must report its cost (benchmarks/export.py measures the KL it adds)."""
+    W = weight.detach().float()
+    scale = (W.abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)  # (N, 1)
+    codes = (torch.round(W / scale) + 128).clamp(1, 255).to(torch.uint8)
+    rec = LayerRecord("lm_head", {"quant": {"bits": 8, "group_size": None}},
+                      {"codes": codes, "scale": scale, "zero": torch.full_like(scale, 128.0)}, W)
+    return PackedLinear(rec, mode=mode)
+
+
+def load(directory: str | Path, runtime: str = "packed", mode: str = "auto", verify: bool = True,
+         head: str = "exact"):
     """Load a slimkit folder as a causal LM in eval mode.
 
     A packed folder (``slimkit export --format native``): ``runtime="packed"`` puts a
     :class:`PackedLinear` in place of every compressed Linear (no dense copy of those weights);
     ``runtime="dense"`` rebuilds the fake-quantized fp32 weights, bit for bit equal to the folder
-    the export came from. A fake-quantized slimkit folder or any HF folder loads as it is."""
+    the export came from. A fake-quantized slimkit folder or any HF folder loads as it is.
+    ``head="int8"`` (packed runtime) also quantizes the output head per row to 8 bits at load
+    time: the largest single matmul of a small model's decode step, NOT part of the compressed
+    model and not exact (its cost in KL is measured by benchmarks/export.py)."""
+    if head not in ("exact", "int8"):
+        raise ValueError(f"head must be exact or int8, got {head!r}")
     from .native import decode_all, is_native, read_native
 
     d = Path(directory).expanduser()
@@ -225,6 +243,12 @@ def load(directory: str | Path, runtime: str = "packed", mode: str = "auto", ver
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if missing:
         raise PackError(f"{str(d)!r} lacks {len(missing)} model tensors, e.g. {missing[0]!r}")
+    if head == "int8" and runtime == "packed":
+        out_emb = model.get_output_embeddings()
+        if out_emb is None or not isinstance(out_emb, nn.Linear) or out_emb.bias is not None:
+            raise PackError(f"{str(d)!r}: the model has no bias-free Linear output head to quantize")
+        model.config.tie_word_embeddings = False  # the head is no longer the embedding matrix
+        model.set_output_embeddings(int8_head(out_emb.weight, mode))
     model.config.use_cache = True  # the fake-quant folder was saved with use_cache off (calibration)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.use_cache = True
