@@ -108,7 +108,7 @@ def finetune_adapters(model: nn.Module, adapters: dict[str, dict], ids: torch.Te
     ``ids`` (N, S). Merges the result back into plain Linears; returns the loss curve and the
     trained (quantized) adapters per layer."""
     if not adapters:
-        raise RecipeError("finetune needs a low-rank stage (e.g. slim_lora) in the recipe")
+        raise RecipeError("finetune needs low-rank adapters (slim_lora, or reallm with a rank above 0), and no layer has any")
     wrapped = {}
     for name, a in adapters.items():
         base = model.get_submodule(name)

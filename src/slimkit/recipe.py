@@ -94,7 +94,7 @@ class Recipe:
                     raise RecipeError(f"recipe {self.name!r}: bad regex {pat!r}: {e}") from None
         if sum(1 for s in self.stages if s.prunes) > 1:
             raise RecipeError(f"recipe {self.name!r} prunes more than once")
-        if self.finetune is not None and not any(s.name == "slim_lora" for s in self.stages):
+        if self.finetune is not None and not any(s.makes_adapters for s in self.stages):
             raise RecipeError(f"recipe {self.name!r}: finetune trains adapters, but no stage makes any")
 
     @property

@@ -213,6 +213,7 @@ class Stage:
     battery_prelude: ClassVar[tuple[dict, ...]] = ()
     quantizes: ClassVar[bool] = False
     prunes: ClassVar[bool] = False
+    makes_adapters: ClassVar[bool] = False  # leaves low-rank L, R that a recipe's finetune: section trains
     uniform_grid: ClassVar[bool] = True  # a quantizing stage that leaves a uniform grid in state.quant
     accepts_mask: ClassVar[bool] = True  # can run on an already pruned layer and keep its mask
 

@@ -38,6 +38,7 @@ class ReALLM(Stage):
     uniform_grid = False  # vector-quantized residual: no per-group integer grid
     accepts_mask = False  # the dense low-rank part would undo a mask
     needs = frozenset({ACT_NORM})
+    makes_adapters = True  # the low-rank part (rank > 0)
     quantizes = True  # vector quantization: no uniform grid (state.quant stays None), no mask support
     examples = (
         {"bits": 3.0},

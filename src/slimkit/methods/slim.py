@@ -84,6 +84,7 @@ class SlimLoRA(Stage):
     re-quantized to mask * (W - (L R)^T) by the quantizing stage's grid family (a fresh clip)."""
 
     name = "slim_lora"
+    makes_adapters = True
     examples = ({"rank": 0.25, "pad_to": None}, {"rank": 16, "adapter_bits": None, "saliency": "none"},
                 {"rank": 0.1, "adapter_bits": 4, "adapter_group": 32, "pad_to": 16, "saliency": "hessian"})
     battery_prelude = ({"method": "rtn", "bits": 3, "group_size": 32},)
