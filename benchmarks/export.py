@@ -4,7 +4,7 @@ of docs/results.md.
     python benchmarks/export.py                     # RTN W4 g64 (data-free) and, if present, other runs
     python benchmarks/export.py --recipes rtn-w4-g64 slim
 
-For each recipe: `slimkit compress default --recipe R --no-eval` (reused if present), then every
+For each recipe: `slimkit compress default --recipe R --no-eval --nsamples 32` (reused if present), then every
 export that can hold it; size on disk (fp16 original, fake-quant folder, each format), bits/weight
 by part (`slimkit info`), and, each in a fresh process: peak RSS when loading, decode tokens/s at
 batch 1 (greedy, KV cache, 64 new tokens after a 16-token prompt) and prefill tokens/s at 512 tokens,
@@ -92,7 +92,9 @@ def main():
     for recipe in args.recipes:
         base = RUNS / f"export-{recipe}"
         if not (base / "slimkit.json").is_file():
-            sh(*SLIMKIT, "compress", "default", "--recipe", recipe, "--out", str(base), "--no-eval", "-q")
+            # 32 calibration sequences: sizes and speeds do not depend on how the codes were chosen
+            sh(*SLIMKIT, "compress", "default", "--recipe", recipe, "--out", str(base), "--no-eval",
+               "--nsamples", "32", "-q")
         outs = {"fake-quant (fp32)": base}
         for fmt in ("native", "compressed-tensors", "peft"):
             out = RUNS / f"export-{recipe}-{fmt}"

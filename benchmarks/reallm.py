@@ -89,7 +89,8 @@ def main():
         "for GPTQ codes + fp16 scales + zero points; for ReALLM packed VQ codes, the fp16 codebook, 8-bit "
         "block scales with their fp32 group maxima, the packed column permutation and the fp16 low-rank "
         "factors. Each ReALLM matrix meets the budget on its own (rank, vector length, codebook and block "
-        f"chosen per matrix by measured error). Machine: {machine()}.",
+        f"chosen per matrix by measured error). Times: OMP_NUM_THREADS=1, two or three runs at a time on "
+        f"the 2 cores (as in the SliM-LLM table). Machine: {machine()}.",
         "",
         "Regenerate: `python benchmarks/reallm.py --fresh`.",
         "",

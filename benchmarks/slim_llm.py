@@ -89,7 +89,9 @@ def main():
         "512. KL is KL(dense || compressed) per token. Bits/weight count everything stored: codes at each "
         "group's own width, fp16 scales, zero points (of the group's width; fp16 for binarized groups, whose "
         "zero is the fractional row mean), and SliM-LLM's uint8 bit map per group. Time and peak RSS are those "
-        f"of the whole `slimkit compress` process. Machine: {machine()}.",
+        "of the whole `slimkit compress` process; the runs of this table and of the ReALLM table were made "
+        "with OMP_NUM_THREADS=1, two or three at a time on the 2 cores, so compare times within these two "
+        f"tables only. Machine: {machine()}.",
         "",
         "SliM-LLM: SBA bit map (top-k / bottom-k groups by salience W^2/diag(Hinv)^2 one bit up / down, k by "
         "the KL of the layer's output softmax on 4,096 calibration tokens; exact average), SQC grids "
