@@ -31,13 +31,13 @@ SETTINGS = {
         ("SLiM-LoRA (fp16 adapters)", "slim-lora-unstructured"),
         ("SLiM-LoRA^Q (recipe `slim-unstructured`)", "slim-unstructured"),
         ("SLiM-LoRA^Q + FT", "slim-unstructured-ft"),
-        ("slimkit SLiM+ (SparseGPT+GPTQ base, Hessian-weighted LoRA^Q)", "slim-plus-unstructured"),
+        # slim-plus-unstructured (recipe shipped) was not run at 50%: the 2-core budget went to issues 4-6
     ],
 }
 
 
 # runs whose wall time was taken while another job (tests, the memory benchmark) shared the 2 cores
-SHARED_MACHINE = {"wanda-absmax", "naive-lora", "slim-lora", "slim-unstructured-ft", "slim-plus-unstructured"}
+SHARED_MACHINE = {"wanda-absmax", "naive-lora", "slim-lora", "slim-unstructured-ft"}
 
 
 def gap_table(rows: list[dict], dense_ppl: float) -> str:
@@ -65,8 +65,11 @@ def main():
     for setting, configs in SETTINGS.items():
         if args.only and setting != args.only:
             continue
-        rows = [row(label + (" †" if recipe in SHARED_MACHINE and not args.fresh else ""),
-                    compress_run(recipe, fresh=args.fresh)) for label, recipe in configs]
+        rows = []
+        for label, recipe in configs:
+            report = compress_run(recipe, fresh=args.fresh)
+            rows.append(row(label + (" †" if recipe in SHARED_MACHINE and not args.fresh else ""), report)
+                        | {"recipe": recipe, "report": report})
         dense = rows[0]["dense_ppl"]
         body += [f"### {setting} sparsity + 4-bit weights (dense ppl {dense:.2f})", "", gap_table(rows, dense), ""]
         if any("†" in r["label"] for r in rows):
@@ -78,8 +81,52 @@ def main():
             loss = r["finetune"]["loss"]
             body += [f"Fine-tuning ({r['label']}): {len(loss)} steps, {r['finetune']['seconds']:.0f} s, "
                      f"training loss {loss[0]:.3f} -> {sum(loss[-5:]) / min(5, len(loss)):.3f} (mean of the last 5).", ""]
+        if setting == "2:4":
+            body += targets(rows, dense)
         body += command_lines(rows) + [""]
     write_section("slim", "\n".join(body))
+
+
+def mean_block_error(report: dict, last: int = 0) -> float:
+    blocks = report["compression"]["blocks"][-last:] if last else report["compression"]["blocks"]
+    return sum(b["rel_error"] for b in blocks) / len(blocks)
+
+
+def targets(rows: list[dict], dense: float) -> list[str]:
+    """The issue's two targets at 2:4 + W4, computed from the rows, and what the block errors say."""
+    by = {r["recipe"]: r for r in rows}
+    base, slim, plus = by["sparsegpt-gptq"], by["slim"], by["slim-plus"]
+    gap = lambda r: (base["ppl"] - r["ppl"]) / (base["ppl"] - dense)  # noqa: E731
+    ratio = slim["time"] / base["time"]
+    clean = "†" not in slim["label"] and "†" not in base["label"]
+    err = {k: (mean_block_error(by[k]["report"]), by[k]["report"]["compression"]["blocks"][-1]["rel_error"])
+           for k in ("sparsegpt-gptq", "wanda-absmax", "slim", "slim-plus")}
+    e = lambda k: f"{err[k][0]:.3f} / {err[k][1]:.3f}"  # noqa: E731
+    return [
+        "Targets (2:4 + W4):", "",
+        f"- Gap closed by SLiM-LoRA^Q (the paper's recipe, `slim`): {gap(slim):+.2f} (target >= 0.50): NOT met on "
+        f"this model. slimkit's SLiM+ (`slim-plus`) closes {gap(plus):+.2f} at {plus['bpw']:.3f} bits/weight "
+        f"({'met' if gap(plus) >= 0.5 else 'NOT met'}); with adapter fine-tuning the paper's recipe reaches "
+        f"{gap(by['slim-ft']):+.2f}.",
+        f"- Speed: `slim` {slim['time']:.0f} s vs `sparsegpt-gptq` {base['time']:.0f} s in this run, "
+        f"{ratio:.2f}x (target <= 1.3x; the paper's ratio is 1.56x){'' if clean else ' — timed on shared cores'}.",
+        "",
+        "Why the paper's recipe falls short here, from the block output errors (relative, mean over the 30 "
+        f"blocks / last block): SparseGPT+GPTQ {e('sparsegpt-gptq')}, Wanda + AbsMax {e('wanda-absmax')}, "
+        f"SLiM-LoRA^Q {e('slim')}, SLiM+ {e('slim-plus')}. SLiM's base (Wanda 2:4 + one per-tensor SLiM-Quant "
+        "scale per matrix) is far weaker on this small model than an OBS-compensated base. The adapters recover "
+        "most of that loss (Wanda + AbsMax ppl "
+        f"{by['wanda-absmax']['ppl']:.1f} -> SLiM-LoRA^Q {slim['ppl']:.1f}) and even bring the mean block error "
+        "below SparseGPT+GPTQ's, but each block is measured on the inputs the compressed model really produces, "
+        "and the error of the late blocks, which carry what the early ones let through, stays well above "
+        "SparseGPT+GPTQ's (GPTQ compensates every rounding inside the layer; the adapters only fit the residual "
+        "after it). What slimkit changed (recipe `slim-plus`): the base is SparseGPT 2:4 + GPTQ W4 "
+        "g128 from one OBS sweep, and the low-rank saliency uses the full input covariance instead of its "
+        "diagonal (L, R = the exact minimiser of the layer's output error ||X (W - W_c - L R)||, via the SVD of "
+        "E C with C C^T = H), with the same 4-bit AbsMax adapters of rank 0.1 and the base re-fitted through "
+        "the quantizer after the adapters are computed.",
+        "",
+    ]
 
 
 if __name__ == "__main__":
