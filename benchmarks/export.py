@@ -65,8 +65,8 @@ def sh(*args) -> str:
     return subprocess.run(list(args), cwd=ROOT, check=True, capture_output=True, text=True).stdout
 
 
-def measure(kind: str, path: str, script: str = MEASURE) -> dict:
-    args = (kind, path) if script is MEASURE else (path,)
+def run_json(script: str, *args: str) -> dict:
+    """Run ``script`` in a fresh process; its last stdout line is a JSON object."""
     return json.loads(sh(sys.executable, "-c", script, *args).strip().splitlines()[-1])
 
 
@@ -114,14 +114,14 @@ def main():
             vs = f"{i['disk_bytes'] / fp16:.3f}x" if fp16 else "—"
             lines.append(f"| {recipe} | {label} | {i['disk_bytes'] / 2**20:.1f} | {vs} | {ratio_layers} | {parts} |")
         if not dense_done:
-            m = measure("dense", str(base))
+            m = run_json(MEASURE, "dense", str(base))
             speed.append(f"| — | dense fp32 | {m['rss_mb']:.0f} | {m['rss_run_mb']:.0f} | {m['load_s']:.1f} | {m['decode_tps']:.1f} | {m['prefill_tps']:.0f} |")
             dense_done = True
         if "native" in outs:
             for kind, label in (("packed", "packed (native)"), ("packed-int8-head", "packed + int8 head")):
-                m = measure(kind, str(outs["native"]))
+                m = run_json(MEASURE, kind, str(outs["native"]))
                 speed.append(f"| {recipe} | {label} | {m['rss_mb']:.0f} | {m['rss_run_mb']:.0f} | {m['load_s']:.1f} | {m['decode_tps']:.1f} | {m['prefill_tps']:.0f} |")
-            c = measure("", str(outs["native"]), HEAD_COST)
+            c = run_json(HEAD_COST, str(outs["native"]))
             costs.append(f"- {recipe}: ppl {c['ppl_exact']:.3f} -> {c['ppl']:.3f}, KL(exact head || int8 head) "
                          f"{c['kl']:.5f} nats/token on {c['tokens']:,} held-out tokens")
     if fp16:

@@ -89,6 +89,15 @@ def _handmade(src, out, spec_of, adapters=False, mixed_layer=None):
     return out
 
 
+def _assert_same_state(layers, folder):
+    """Decoded native records hold exactly the slimkit folder's state tensors (names, values, dtypes)."""
+    for name, rec in layers.items():
+        orig = folder.record(name)
+        assert set(rec.tensors) == set(orig.tensors), name
+        for k, v in orig.tensors.items():
+            assert torch.equal(rec.tensors[k], v) and rec.tensors[k].dtype == v.dtype, (name, k)
+
+
 # -- bit packing ------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_bitpack_roundtrip(bits):
@@ -105,12 +114,8 @@ def test_native_roundtrip_bit_exact(sparse_w4, tmp_path, ids):
     out = export(sparse_w4, "native", tmp_path / "n")
     manifest, stored = read_native(out)
     layers, _ = decode_all(manifest, stored)
-    src = SlimkitFolder(sparse_w4)
-    for name, rec in layers.items():
-        orig = src.record(name)
-        assert set(rec.tensors) == set(orig.tensors), name
-        for k, v in orig.tensors.items():
-            assert torch.equal(rec.tensors[k], v) and rec.tensors[k].dtype == v.dtype, (name, k)
+    _assert_same_state(layers, SlimkitFolder(sparse_w4))
+    for name in layers:
         e = manifest["layers"][name]
         assert e["mask"]["encoding"] == "nm"
         N, K = e["shape"]
@@ -150,7 +155,6 @@ def test_native_adapters_and_mixed_bits(tiny_llama, tmp_path, ids):
     assert (_logits(load(out, mode="dequant"), ids) - _logits(ref, ids)).abs().max() < EXACT_TOL
 
 
-
 def test_native_reallm_keeps_the_vq_code_not_a_dense_weight(tiny_llama, text_file, tmp_path, ids):
     src = _compress(tiny_llama, tmp_path / "r", [{"method": "reallm", "bits": 3.0, "ranks": [0, 4],
                                                    "kmeans_iters": 3}], text_file)
@@ -160,12 +164,7 @@ def test_native_reallm_keeps_the_vq_code_not_a_dense_weight(tiny_llama, text_fil
     assert len(vq) == len(manifest["layers"])  # every layer: its code, no dense weight
     assert not any(k.endswith((".weight", ".effective")) for k in stored if k.rsplit(".", 1)[0] in vq)
     layers, _ = decode_all(manifest, stored)
-    folder = SlimkitFolder(src)
-    for name, rec in layers.items():
-        orig = folder.record(name)
-        assert set(rec.tensors) == set(orig.tensors), name
-        for k, v in orig.tensors.items():
-            assert torch.equal(rec.tensors[k], v), (name, k)
+    _assert_same_state(layers, SlimkitFolder(src))
     ref = load_model(str(src), with_tokenizer=False)[0]
     sd = load(out, runtime="dense").state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in ref.state_dict().items())
@@ -190,6 +189,7 @@ def test_int8_head_is_close_and_leaves_the_embedding_alone(sparse_w4, tmp_path, 
     assert 0 < (got - want).abs().max() < KERNEL_REL_TOL * want.abs().max()
     with pytest.raises(ValueError, match="head must be"):
         load(out, head="int4")
+
 
 # -- compressed-tensors ----------------------------------------------------------------------
 def _ct_check(src, out, ids, dequantize=False):

@@ -157,7 +157,7 @@ VQ_PARTS = {"vq_codes": "weights", "vq_codebook": "codebook", "vq_scale_q": "sca
             "vq_perm": "metadata"}
 
 
-def _vq_code(name: str, cfg: dict, shape, t: dict):
+def _vq_code(cfg: dict, shape, t: dict):
     from ..ops.vq import VQCode, VQConfig
     config = VQConfig(cfg["d"], cfg["code_bits"], cfg["block"], cfg["scale_group"])
     return VQCode(config, tuple(shape), t["vq_codes"], t["vq_codebook"], t["vq_scale_q"], t["vq_scale_max"],
@@ -170,7 +170,7 @@ def _vq_config(rec: LayerRecord) -> dict | None:
     t, cfg = rec.tensors, rec.meta.get("vq")
     if cfg is None or "vq_codes" not in t or "codes" in t or "mask" in t:
         return None
-    base = _vq_code(rec.name, cfg, rec.shape, t).decode()
+    base = _vq_code(cfg, rec.shape, t).decode()
     return cfg if torch.equal(rec.merged(base), rec.effective) else None
 
 
@@ -334,10 +334,10 @@ def decode_layer(name: str, entry: dict, t: dict, dtypes: dict, effective: bool 
             for b in widths:
                 sel = sel_base & (bits_el == b)
                 codes[sel] = unpack_bits(get(f"codes{b}"), b, int(sel.sum()))
-        out["codes"] = codes.clone() if codes._base is not None else codes  # not a view of a larger temporary
+        out["codes"] = codes
     elif entry.get("base") == "vq":
         vt = {k: get(f"x.{k}") for k in VQ_KEYS if f"{name}.x.{k}" in t}
-        out["weight"] = _vq_code(name, entry["vq"], (N, K), vt).decode()
+        out["weight"] = _vq_code(entry["vq"], (N, K), vt).decode()
     elif entry.get("base") == "values":
         vals = get("values")
         W = torch.zeros(N, K, dtype=vals.dtype)

@@ -9,18 +9,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..errors import SlimkitError
+from ..errors import SlimkitError, first_line  # noqa: F401 (pack modules import it from here)
 from ..ops.quant import group_slices
 from ..state_io import META_FILE, load_state
 
 
 class PackError(SlimkitError):
     """A packed or exported folder is missing, corrupt, truncated or of an unknown version."""
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def expand_groups(params: torch.Tensor, in_features: int, group_size: int | None) -> torch.Tensor:
