@@ -134,7 +134,7 @@ class ReALLM(Stage):
         if self.act_weighted and stats is not None:
             a = stats.act_norm
             D = (a / a.mean().clamp_min(1e-30)).clamp_min(1e-4).sqrt()  # (in,)
-        Dv = torch.ones(k) if D is None else D
+        Dv = torch.ones(k, device=W.device) if D is None else D
         colw = Dv.square()
 
         # choose the configuration: residual of each rank, cheap held-out VQ error of each config
@@ -224,7 +224,7 @@ class ReALLM(Stage):
 def _select(value, idx: torch.Tensor, batch: int):
     """Keep the sequences ``idx`` of a block keyword argument (tensors of >= 2 dims with the batch first)."""
     if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch:
-        return value[idx]
+        return value[idx.to(value.device)]
     if isinstance(value, (tuple, list)):
         return type(value)(_select(v, idx, batch) for v in value)
     return value
@@ -238,14 +238,14 @@ def finetune_lowrank(ctx: BlockContext, names: list[str], steps: int, lr: float,
     Returns (MSE before, MSE after) on that subset."""
     block, B = ctx.block, ctx.batch_size
     nb = len(ctx.kwargs_list)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # CPU draws (reproducible); indices follow the data's device
 
     def batch(b: int, idx: torch.Tensor):
         sl = slice(b * B, (b + 1) * B)
         x, y = ctx.inputs[sl], ctx.targets[sl]
         n = x.shape[0]
         kw = {k: _select(v, idx, n) for k, v in ctx.kwargs_list[b].items()} if n > 1 else ctx.kwargs_list[b]
-        return x[idx], y[idx], kw
+        return x[idx.to(x.device)], y[idx.to(y.device)], kw
 
     def loss_of(x, y, kw):
         out = block(x, **kw)

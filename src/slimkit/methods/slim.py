@@ -51,7 +51,8 @@ class SlimQuant(Stage):
     def apply(self, state: LinearState, stats: LinearStats | None) -> LinearState:
         out, k = state.weight.shape
         spec = QuantSpec(self.bits, None, symmetric=True, per_tensor=True)
-        col = torch.ones(k)
+        dev = state.weight.device
+        col = torch.ones(k, device=dev)
         if self.outliers:
             n = max(1, math.ceil(self.outliers * k))
             score = stats.act_norm * state.original.abs().sum(0)  # (in,)
@@ -61,8 +62,8 @@ class SlimQuant(Stage):
 
         def requantize(target: torch.Tensor, mask: torch.Tensor | None):
             alpha = search_alpha(target if mask is None else target[mask], self.bits)  # before the scaling
-            s = torch.full((out, 1), slim_scale(alpha, self.bits))
-            z = torch.full((out, 1), float(2 ** (self.bits - 1)))
+            s = torch.full((out, 1), slim_scale(alpha, self.bits), device=dev)
+            z = torch.full((out, 1), float(2 ** (self.bits - 1)), device=dev)
             Wq = fake_quantize(target * col[None, :], s, z, self.bits) / col[None, :]
             return (Wq if mask is None else Wq * mask), s, z
 

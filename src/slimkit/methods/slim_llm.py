@@ -111,9 +111,10 @@ def finish(state: LinearState, Wq: torch.Tensor, scale: torch.Tensor, zero: torc
         nm = state.sparsity.m if (state.sparsity and state.sparsity.structured) else 0
         mask_bits = weight_bits(out, k, kept=int(state.mask.sum()), nm_m=nm)["mask"]
     state.storage = mixed_storage(bits, out, k, group_size, kept) | {"mask": mask_bits}
-    widths = torch.tensor([sl.stop - sl.start for sl in group_slices(k, group_size)])
-    avg = float((bits * widths).sum()) / k
-    counts = " ".join(f"{b}b:{int((bits == b).sum())}" for b in sorted(set(bits.tolist())))
+    widths = [sl.stop - sl.start for sl in group_slices(k, group_size)]
+    bits_list = bits.tolist()  # one host copy of the (G,) bit map
+    avg = float(sum(b * w for b, w in zip(bits_list, widths))) / k
+    counts = " ".join(f"{b}b:{bits_list.count(b)}" for b in sorted(set(bits_list)))
     state.notes["grid"] = f"mixed W{avg:.2f} g{group_size} asym ({counts})"
     state.notes["sba_k"] = alloc.k
     state.notes["sba_kl"] = alloc.kl[alloc.k]
@@ -193,8 +194,9 @@ class SliMLLMPlus(SliMLLM):
         Wg = to_groups(W, g)  # (out, G, g) zero padded: the range including 0 is unchanged
         fixed = torch.zeros_like(W)
         fs, fz = torch.ones_like(Wg[..., 0]), torch.zeros_like(Wg[..., 0])  # (out, G)
+        bits_list = alloc.bits.tolist()  # one host copy, not one sync per group
         for gi, sl in enumerate(group_slices(W.shape[1], g)):
-            if int(alloc.bits[gi]) == 1:
+            if bits_list[gi] == 1:
                 fs[:, gi], fz[:, gi] = binarize_params(W[:, sl])
                 fixed[:, sl] = grid_fake_quantize(W[:, sl], fs[:, gi:gi + 1], fz[:, gi:gi + 1], 1)
         p = _Pending(W, alloc.bits, Wg.amax(-1).clamp(min=0), Wg.amin(-1).clamp(max=0), fixed, fs, fz, alloc)
@@ -205,7 +207,7 @@ class SliMLLMPlus(SliMLLM):
     def after_sweep(self, state: LinearState, inputs: torch.Tensor | None, W: torch.Tensor) -> None:
         bits = state.tensors["group_bits"].to(torch.int64)
         maxq = (2**bits - 1).to(torch.float32)[None, :]  # (1, G)
-        s0 = torch.sigmoid(torch.tensor(self.theta_init))
+        s0 = torch.sigmoid(torch.tensor(self.theta_init, device=state.scale.device))
         base_max, base_min = (maxq - state.zero) * state.scale / s0, -state.zero * state.scale / s0
         k = W.shape[1]
         one = (bits == 1).repeat_interleave(self.group_size)[:k]  # (in,) columns of binarized groups
@@ -261,8 +263,8 @@ class SliMLLMPlus(SliMLLM):
             return torch.nn.functional.mse_loss(out, y)
 
         def total_loss():
-            with torch.no_grad():
-                return sum(block_loss(*s).item() for s in steps) / len(steps)
+            with torch.no_grad():  # one host sync for all minibatches
+                return sum(torch.stack([block_loss(*s) for s in steps]).tolist()) / len(steps)
 
         try:
             before = total_loss()
@@ -276,7 +278,8 @@ class SliMLLMPlus(SliMLLM):
                         loss.backward()
                         opt.step()
                         bar.update()
-                        bar.set_postfix(mse=f"{loss.item():.3g}")
+                        if not bar.disable:  # reading the loss back syncs: only for a visible bar
+                            bar.set_postfix(mse=f"{loss.item():.3g}")
             bar.close()
             after = total_loss()
         finally:

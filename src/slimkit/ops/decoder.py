@@ -129,13 +129,14 @@ def fit_decoder(X: torch.Tensor, cfg: DecoderConfig, e: int, col_weight: torch.T
     tiles = to_tiles(X, t)  # (T, t*t)
     scale = tiles.abs().amax(1).clamp_min(1e-12).half().float()  # (T,) fp16-exact
     Y = tiles / scale[:, None]
-    cw = torch.ones(X.shape[1]) if col_weight is None else col_weight.float()
+    cw = torch.ones(X.shape[1], device=X.device) if col_weight is None else col_weight.float()
     Wt = to_tiles(cw.expand(shape).contiguous(), t) * scale[:, None].square()  # true-error weights
     Wt = Wt / Wt.mean().clamp_min(1e-30)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[]):  # initialised on the CPU (seeded, reproducible), then moved
+        torch.random.default_generator.manual_seed(cfg.seed)  # the CPU generator only: CUDA RNG untouched
         enc = nn.Linear(t * t, e)
         dec = TileDecoder(e, cfg.hidden, t)
+    enc, dec = enc.to(X.device), dec.to(X.device)
     opt = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=cfg.lr)
     t0, steps = time.perf_counter(), 0
     with torch.enable_grad():
@@ -160,7 +161,7 @@ def fit_decoder(X: torch.Tensor, cfg: DecoderConfig, e: int, col_weight: torch.T
         q = _quantize_latent(enc(Y), cfg.latent_bits).round()  # (T, e)
         params = {k: v.detach().half() for k, v in dec.state_dict().items()}
         fit = DecoderFit(shape, cfg, e, pack_bits(q.reshape(-1).long(), cfg.latent_bits), scale.half(), params,
-                         X_hat=torch.empty(0), steps=steps)
+                         X_hat=X.new_empty(0), steps=steps)
         fit.X_hat = decode(fit)
     return fit
 
@@ -172,6 +173,7 @@ def decode(fit: DecoderFit) -> torch.Tensor:
     q = unpack_bits(fit.latents, cfg.latent_bits, T * fit.e).view(T, fit.e).float()
     with torch.random.fork_rng(devices=[]):  # the initial values are overwritten; keep the global RNG intact
         dec = TileDecoder(fit.e, cfg.hidden, t)
+    dec = dec.to(q.device)
     dec.load_state_dict({k: v.float() for k, v in fit.decoder.items()})
     with torch.no_grad():
         tiles = dec(_latent_value(q, cfg.latent_bits)) * fit.tile_scale.float()[:, None]

@@ -29,7 +29,7 @@ def hessian_lowrank(E: torch.Tensor, H: torch.Tensor, rank: int, percdamp: float
     """
     H = H.to(torch.float64)
     damp = percdamp * torch.diag(H).mean().clamp_min(1e-12)
-    C = torch.linalg.cholesky(H + damp * torch.eye(H.shape[0], dtype=H.dtype))  # (in, in) lower
+    C = torch.linalg.cholesky(H + damp * torch.eye(H.shape[0], dtype=H.dtype, device=H.device))  # (in, in) lower
     U, S, Vh = torch.linalg.svd(E.to(torch.float64) @ C, full_matrices=False)
     r = min(rank, S.numel())
     L = torch.linalg.solve_triangular(C.T, Vh[:r].T * S[:r][None, :], upper=True)  # (in, r)
@@ -39,8 +39,9 @@ def hessian_lowrank(E: torch.Tensor, H: torch.Tensor, rank: int, percdamp: float
 def saliency_diag(act_norm: torch.Tensor) -> torch.Tensor:
     """sqrt of the activation statistic, shifted by its smallest positive value so no entry is 0."""
     a = act_norm.to(torch.float64)
-    pos = a[a > 0]
-    shift = pos.min() if pos.numel() else torch.tensor(1.0, dtype=torch.float64)
+    pos = a > 0  # smallest positive entry without a data-dependent shape (no host sync)
+    shift = torch.where(pos.any(), torch.where(pos, a, torch.inf).amin(),
+                        torch.tensor(1.0, dtype=torch.float64, device=a.device))
     return (a + shift).sqrt().to(torch.float32)
 
 

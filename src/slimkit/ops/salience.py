@@ -35,7 +35,7 @@ def group_salience(delta: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def clip_codes(q: torch.Tensor, maxq) -> torch.Tensor:
     """clamp(q, 0, maxq) for a number or a tensor ``maxq`` broadcasting against q."""
-    return torch.minimum(q.clamp(min=0), torch.as_tensor(maxq, dtype=q.dtype))
+    return torch.minimum(q.clamp(min=0), torch.as_tensor(maxq, dtype=q.dtype, device=q.device))
 
 
 def grid_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq) -> torch.Tensor:
@@ -67,8 +67,9 @@ def sqc_params(w: torch.Tensor, bits: int, weight: torch.Tensor | None = None, s
     best_err = _sqc_err(w, best_s[None, :, None], best_z[None, :, None], maxq, weight, norm)[0]  # (rows,)
     wmin = w.amin(dim=1).clamp(max=0)  # (rows,)
     wmax = w.amax(dim=1).clamp(min=0)
-    ts = torch.linspace(1 - span, 1 + span, steps, dtype=w.dtype)
+    ts = torch.linspace(1 - span, 1 + span, steps, dtype=w.dtype, device=w.device)
     per = max(1, chunk_elems // max(1, rows * k))
+    rows_idx = torch.arange(rows, device=w.device)
     for c in range(0, steps, per):
         t = ts[c:c + per, None]  # (T, 1)
         scale = t * (wmax - wmin)[None, :] / maxq  # (T, rows)
@@ -77,7 +78,6 @@ def sqc_params(w: torch.Tensor, bits: int, weight: torch.Tensor | None = None, s
         err = _sqc_err(w, scale[..., None], zero[..., None], maxq, weight, norm)  # (T, rows)
         e, i = err.min(dim=0)
         better = e < best_err
-        rows_idx = torch.arange(rows)
         best_err = torch.where(better, e, best_err)
         best_s = torch.where(better, scale[i, rows_idx], best_s)
         best_z = torch.where(better, zero[i, rows_idx], best_z)
@@ -97,8 +97,8 @@ def salient_weights(delta: torch.Tensor, lam: float, z: float = 2.0) -> torch.Te
     """SQC's error weights: lam where |z-score of delta| > z (within the group), else 1; None when lam == 1."""
     if lam == 1:
         return None
-    std = delta.std()
-    zs = (delta - delta.mean()) / std if std > 0 else torch.zeros_like(delta)
+    std = delta.std()  # kept on the device: no host sync (this runs once per column group)
+    zs = torch.where(std > 0, (delta - delta.mean()) / std, torch.zeros_like(delta))
     return torch.where(zs.abs() > z, torch.full_like(delta, lam), torch.ones_like(delta))
 
 
@@ -113,9 +113,14 @@ def minmax_group_fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 def softmax_kl(logits_hat: torch.Tensor, logits: torch.Tensor) -> float:
     """mean over tokens of KL(softmax(logits_hat) || softmax(logits)), softmax over the last dim."""
+    return _softmax_kl(logits_hat, logits).item()
+
+
+def _softmax_kl(logits_hat: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """softmax_kl as a 0-dim fp64 tensor on the logits' device (no host sync)."""
     lq = torch.log_softmax(logits_hat.double(), dim=-1)
     lp = torch.log_softmax(logits.double(), dim=-1)
-    return (lq.exp() * (lq - lp)).sum(-1).mean().item()
+    return (lq.exp() * (lq - lp)).sum(-1).mean()
 
 
 def sba_ks(n_swappable: int) -> list[int]:
@@ -128,7 +133,7 @@ def sba_ks(n_swappable: int) -> list[int]:
 def sba_bits(order: torch.Tensor, n_groups: int, bits: int, k: int) -> torch.Tensor:
     """Bit map (G,): ``order`` lists the swappable groups by salience, highest first; its top k get
     bits + 1, its bottom k bits - 1, every other group ``bits``."""
-    bmap = torch.full((n_groups,), bits, dtype=torch.int64)
+    bmap = torch.full((n_groups,), bits, dtype=torch.int64, device=order.device)
     if k:
         bmap[order[:k]] = bits + 1
         bmap[order[-k:]] = bits - 1
@@ -154,7 +159,7 @@ def sba_search(W: torch.Tensor, d: torch.Tensor, X: torch.Tensor, bits: int, gro
     G = len(slices)
     full = [gi for gi, sl in enumerate(slices) if sl.stop - sl.start == group_size]
     gsal = group_salience(weight_salience(W, d), group_size)  # (G,)
-    order = torch.tensor(full, dtype=torch.int64)
+    order = torch.tensor(full, dtype=torch.int64, device=W.device)
     if len(full):
         order = order[torch.argsort(gsal[order], descending=True, stable=True)]
     ks = sba_ks(len(full))
@@ -162,15 +167,17 @@ def sba_search(W: torch.Tensor, d: torch.Tensor, X: torch.Tensor, bits: int, gro
     Y = X @ W.T  # (n, out)
     Wb = torch.cat([minmax_group_fake_quantize(W[:, sl], bits) for sl in slices], dim=1)  # (out, in)
     Yhat = X @ Wb.T  # (n, out) every group at ``bits``
-    kls: dict[int, float] = {}
     if ks == [0]:
         return Allocation(sba_bits(order, G, bits, 0), 0, {0: softmax_kl(Yhat, Y)})
+    order_list = order.tolist()  # host copy: no sync per candidate
+    kl_t = []  # KLs stay on the device until the loop is done
     for k in range(1, ks[-1] + 1):
-        for gi, b in ((int(order[k - 1]), bits + 1), (int(order[-k]), bits - 1)):
+        for gi, b in ((order_list[k - 1], bits + 1), (order_list[-k], bits - 1)):
             sl = slices[gi]
             dW = minmax_group_fake_quantize(W[:, sl], b) - Wb[:, sl]  # (out, width)
             Yhat += X[:, sl] @ dW.T
-        kls[k] = softmax_kl(Yhat, Y)
+        kl_t.append(_softmax_kl(Yhat, Y))
+    kls: dict[int, float] = dict(zip(range(1, ks[-1] + 1), torch.stack(kl_t).tolist()))
     best = min(ks, key=lambda k: (kls[k], k))
     return Allocation(sba_bits(order, G, bits, best), best, kls)
 
@@ -181,7 +188,7 @@ class MixedGrid:
 
     def __init__(self, bits: torch.Tensor, d: torch.Tensor, group_size: int, lam: float = 1.0,
                  span: float = 0.1, steps: int = 101):
-        self.bits = [int(b) for b in bits]
+        self.bits = [int(b) for b in bits.tolist()]  # one host copy, not one sync per group
         self.d = d
         self.slices = group_slices(d.shape[0], group_size)
         self.lam, self.span, self.steps = lam, span, steps
@@ -201,8 +208,8 @@ class MixedGrid:
 
 def column_maxq(bits: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
     """(in,) largest code of every column under the bit map."""
-    widths = torch.tensor([sl.stop - sl.start for sl in group_slices(in_features, group_size)])
-    return (2 ** bits.to(torch.int64) - 1).repeat_interleave(widths).to(torch.float32)
+    widths = torch.tensor([sl.stop - sl.start for sl in group_slices(in_features, group_size)], device=bits.device)
+    return (2 ** bits.to(torch.int64) - 1).repeat_interleave(widths, output_size=in_features).to(torch.float32)
 
 
 def mixed_codes(Wq: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: torch.Tensor,
@@ -221,8 +228,9 @@ def mixed_storage(bits: torch.Tensor, out_features: int, in_features: int, group
     (fp16 for binarized groups, whose zero is fractional), and the uint8 bit map."""
     widths = [sl.stop - sl.start for sl in group_slices(in_features, group_size)]
     values = zeros = 0
+    kept_list = None if kept is None else [int(n) for n in kept.tolist()]  # one host copy, not one per group
     for gi, (b, w) in enumerate(zip(bits.tolist(), widths)):
-        n = out_features * w if kept is None else int(kept[gi])
+        n = out_features * w if kept is None else kept_list[gi]
         values += n * b
         zeros += out_features * (16 if b == 1 else b)
     return {"values": values, "scales": out_features * len(widths) * 16, "zeros": zeros,

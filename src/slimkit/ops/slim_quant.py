@@ -20,8 +20,8 @@ def histogram(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     counts = torch.histc(a, bins=bins, min=0.0, max=top)
     width = top / bins
     pdf = counts / (counts.sum() * width)
-    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) * width
-    return centres, pdf, torch.tensor(width, dtype=torch.float64)
+    centres = (torch.arange(bins, dtype=torch.float64, device=a.device) + 0.5) * width
+    return centres, pdf, torch.tensor(width, dtype=torch.float64, device=a.device)
 
 
 def expected_error(alphas: torch.Tensor, centres: torch.Tensor, pdf: torch.Tensor, width, bits: int) -> torch.Tensor:
@@ -39,14 +39,15 @@ def search_alpha(W: torch.Tensor, bits: int) -> float:
     """The clip value alpha of SLiM-Quant for W at ``bits``."""
     centres, pdf, width = histogram(W)
     nb = centres.numel()
-    coarse_idx = torch.linspace(0, nb - 1, 11).round().long()
-    coarse = expected_error(centres[coarse_idx], centres, pdf, width, bits)
+    coarse_idx = torch.linspace(0, nb - 1, 11).round().long()  # host side: 11 bin indices
+    coarse = expected_error(centres[coarse_idx.to(centres.device)], centres, pdf, width, bits)
     best = int(coarse.argmin())
-    lo = int(coarse_idx[max(best - 1, 0)])
-    hi = int(coarse_idx[min(best + 1, len(coarse_idx) - 1)])
-    fine_idx = torch.arange(lo, hi + 1)
+    idx = coarse_idx.tolist()
+    lo = idx[max(best - 1, 0)]
+    hi = idx[min(best + 1, len(idx) - 1)]
+    fine_idx = torch.arange(lo, hi + 1, device=centres.device)
     fine = expected_error(centres[fine_idx], centres, pdf, width, bits)
-    return float(centres[fine_idx[int(fine.argmin())]])
+    return float(centres[lo + int(fine.argmin())])
 
 
 def slim_scale(alpha: float, bits: int) -> float:

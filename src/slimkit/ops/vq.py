@@ -69,14 +69,14 @@ def packed_bytes(n: int, nbits: int) -> int:
 def pack_bits(values: torch.Tensor, nbits: int) -> torch.Tensor:
     """(n,) non-negative integers < 2^nbits -> uint8 bit stream of ceil(n nbits / 8) bytes (LSB first)."""
     v = values.reshape(-1).to(torch.int64)
-    bits = ((v[:, None] >> torch.arange(nbits)) & 1).to(torch.uint8).reshape(-1)  # (n * nbits,)
+    bits = ((v[:, None] >> torch.arange(nbits, device=v.device)) & 1).to(torch.uint8).reshape(-1)  # (n * nbits,)
     bits = torch.cat([bits, bits.new_zeros(-bits.numel() % 8)]).view(-1, 8)
-    return (bits.to(torch.int32) << torch.arange(8, dtype=torch.int32)).sum(1).to(torch.uint8)
+    return (bits.to(torch.int32) << torch.arange(8, dtype=torch.int32, device=v.device)).sum(1).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, nbits: int, n: int) -> torch.Tensor:
-    bits = ((packed.to(torch.int64)[:, None] >> torch.arange(8)) & 1).reshape(-1)[: n * nbits]
-    return (bits.view(n, nbits) << torch.arange(nbits)).sum(1)  # (n,) int64
+    bits = ((packed.to(torch.int64)[:, None] >> torch.arange(8, device=packed.device)) & 1).reshape(-1)[: n * nbits]
+    return (bits.view(n, nbits) << torch.arange(nbits, device=packed.device)).sum(1)  # (n,) int64
 
 
 def greedy_permutation(X: torch.Tensor) -> torch.Tensor:
@@ -86,15 +86,17 @@ def greedy_permutation(X: torch.Tensor) -> torch.Tensor:
     sq = C.square().sum(1)
     dist = sq[:, None] + sq[None, :] - 2 * C @ C.T  # (in, in) squared distances
     n = C.shape[0]
-    used = torch.zeros(n, dtype=torch.bool)
-    order = [0]
+    # the walk stays on X's device: the current column is a (1,) tensor, never read back per step
+    used = torch.zeros(n, dtype=torch.bool, device=C.device)
+    order = torch.zeros(n, dtype=torch.int64, device=C.device)
+    cur = order[:1].clone()  # (1,) column 0
     used[0] = True
-    for _ in range(n - 1):
-        row = dist[order[-1]].masked_fill(used, float("inf"))
-        nxt = int(row.argmin())
-        order.append(nxt)
-        used[nxt] = True
-    return torch.tensor(order, dtype=torch.int64)
+    for i in range(1, n):
+        row = dist.index_select(0, cur).masked_fill_(used, float("inf"))  # (1, n)
+        cur = row.argmin(1)  # (1,)
+        order[i:i + 1] = cur
+        used.index_fill_(0, cur, True)
+    return order
 
 
 def assign(V: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None = None, max_elems: int = 1 << 22) -> torch.Tensor:
@@ -104,7 +106,7 @@ def assign(V: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None = None, max_
         lhs, rhs = torch.cat([V, torch.ones_like(V[:, :1])], 1), torch.cat([-2 * C, C.square().sum(1, keepdim=True)], 1)
     else:  # sum_j w_j C_kj^2 - 2 w_j V_j C_kj  (|V|^2_w is constant per row)
         lhs, rhs = torch.cat([w * V, w], 1), torch.cat([-2 * C, C.square()], 1)
-    out = torch.empty(V.shape[0], dtype=torch.int64)
+    out = torch.empty(V.shape[0], dtype=torch.int64, device=V.device)
     chunk = max(1, max_elems // C.shape[0])
     for s in range(0, V.shape[0], chunk):
         out[s:s + chunk] = (lhs[s:s + chunk] @ rhs.T).argmin(1)  # (c, K) -> (c,)
@@ -116,22 +118,27 @@ def kmeans(V: torch.Tensor, K: int, w: torch.Tensor | None = None, iters: int = 
     """Weighted Lloyd k-means on a seeded subsample of V (n, d) -> centroids (K, d).
     Initial centroids: ``init`` (warm start) or K vectors of the subsample drawn with the seed;
     a cluster left empty keeps its centroid."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # draws on the CPU (reproducible), indices moved to V's device
     n, d = V.shape
     if n > sample:
-        idx = torch.randperm(n, generator=g)[:sample]
+        idx = torch.randperm(n, generator=g)[:sample].to(V.device)
         V, w = V[idx], (None if w is None else w[idx])
     w = torch.ones_like(V) if w is None else w
     if init is not None:
         C = init.clone()
     else:
         pick = torch.randperm(V.shape[0], generator=g)
-        C = V[pick[torch.arange(K) % V.shape[0]]].clone()  # (K, d)
+        C = V[pick[torch.arange(K) % V.shape[0]].to(V.device)].clone()  # (K, d)
     wV = w * V
     for _ in range(iters):
         codes = assign(V, C, w)
-        num = torch.stack([torch.bincount(codes, wV[:, j], minlength=K) for j in range(d)], 1)  # (K, d)
-        den = torch.stack([torch.bincount(codes, w[:, j], minlength=K) for j in range(d)], 1)
+        if V.device.type == "cpu":
+            num = torch.stack([torch.bincount(codes, wV[:, j], minlength=K) for j in range(d)], 1)  # (K, d)
+            den = torch.stack([torch.bincount(codes, w[:, j], minlength=K) for j in range(d)], 1)
+        else:  # CUDA's bincount reads max(codes) back to the host every call; scatter_add_ does not
+            idx = codes[:, None].expand(-1, d)
+            num = wV.new_zeros(K, d).scatter_add_(0, idx, wV)
+            den = w.new_zeros(K, d).scatter_add_(0, idx, w)
         C = torch.where(den > 0, num / den.clamp_min(1e-30), C)
     return C
 
@@ -187,11 +194,14 @@ class VectorQuantizer:
     of each input column (e.g. the activation norms); ``perm`` (in,) fixes the column order."""
 
     def __init__(self, cfg: VQConfig, shape: tuple[int, int], col_weight: torch.Tensor | None = None,
-                 perm: torch.Tensor | None = None, iters: int = 15, sample: int = 65536, seed: int = 0):
+                 perm: torch.Tensor | None = None, iters: int = 15, sample: int = 65536, seed: int = 0,
+                 device: torch.device | str | None = None):
         self.cfg, self.shape, self.perm = cfg, shape, perm
         self.iters, self.sample, self.seed = iters, sample, seed
         out, k = shape
-        cw = torch.ones(k) if col_weight is None else col_weight.float()
+        if device is None:
+            device = col_weight.device if col_weight is not None else perm.device if perm is not None else None
+        cw = torch.ones(k, device=device) if col_weight is None else col_weight.float().to(device)
         if perm is not None:
             cw = cw[perm]
         # per-value weight, padded with zeros, in block layout
@@ -206,6 +216,8 @@ class VectorQuantizer:
         s_hat, q8, smax = block_scales(xb, cfg)
         safe = torch.where(s_hat > 0, s_hat, torch.ones_like(s_hat))
         V = (xb / safe[:, None]).reshape(-1, cfg.d)  # (nvec, d) normalized vectors
+        if self.value_weight.device != xb.device:
+            self.value_weight = self.value_weight.to(xb.device)
         w = (self.value_weight * s_hat.square()[:, None]).reshape(-1, cfg.d)  # true-error weights
         C = kmeans(V, cfg.K, w, iters=self.iters if iters is None else iters, seed=self.seed,
                    sample=self.sample, init=self.codebook)
@@ -237,7 +249,7 @@ def lowrank(M: torch.Tensor, rank: int, seed: int = 0, niter: int = 2, oversampl
     out, k = M.shape
     q = min(rank + oversample, out, k)
     g = torch.Generator().manual_seed(seed)
-    Y = M @ torch.randn(k, q, generator=g)  # (out, q)
+    Y = M @ torch.randn(k, q, generator=g).to(M.device)  # (out, q); drawn on the CPU for reproducibility
     for _ in range(niter):
         Y = torch.linalg.qr(Y).Q
         Y = M @ (M.T @ Y)
@@ -264,7 +276,7 @@ def lq_alternate(W: torch.Tensor, rank: int, quantize: Callable[[torch.Tensor], 
     stop when the weighted Frobenius error rises (keeping the previous iterate) or improves by less than
     ``tol`` (relative). D (in,) column weights, e.g. sqrt of the activation norms; None = plain."""
     out, k = W.shape
-    Dv = torch.ones(k) if D is None else D
+    Dv = torch.ones(k, device=W.device) if D is None else D
     ref = (W * Dv).norm().clamp_min(1e-30)
     Q = torch.zeros_like(W)
     best: LQResult | None = None
@@ -296,14 +308,15 @@ def estimate_error(X: torch.Tensor, cfg: VQConfig, col_weight: torch.Tensor | No
     out, k = X.shape
     g = torch.Generator().manual_seed(seed + 1)
     nrows = min(out, -(-2 * sample * cfg.d // k))
-    rows = torch.randperm(out, generator=g)[:nrows]
+    rows = torch.randperm(out, generator=g)[:nrows].to(X.device)  # drawn on the CPU for reproducibility
     fit_rows, test_rows = rows[: max(1, nrows // 2)], rows[max(1, nrows // 2):]
     if test_rows.numel() == 0:
         test_rows = fit_rows
 
     def vectors(r):
         Xs = X[r] if perm is None else X[r][:, perm]
-        vq = VectorQuantizer(cfg, tuple(Xs.shape), None if col_weight is None else col_weight[perm if perm is not None else slice(None)])
+        vq = VectorQuantizer(cfg, tuple(Xs.shape), None if col_weight is None else col_weight[perm if perm is not None else slice(None)],
+                             device=X.device)
         xb = _blocks(Xs, cfg)
         s_hat = block_scales(xb, cfg)[0]
         safe = torch.where(s_hat > 0, s_hat, torch.ones_like(s_hat))
