@@ -127,3 +127,30 @@ def test_finetuning_an_unquantized_base_checkpoints(four_blocks, text_file, tmp_
     resumed = run(four_blocks, p, tmp_path / "out", text_file, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_files(tmp_path / "ref", tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def four_blocks_bf16(tmp_path_factory, four_blocks):
+    """The same 4-block llama stored in bf16 (compressed in its own dtype, computed in fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("four16") / "llama4-bf16"
+    AutoModelForCausalLM.from_pretrained(four_blocks, dtype=torch.bfloat16).save_pretrained(path)
+    make_tokenizer(path)
+    return path
+
+
+def test_bf16_sigkill_then_resume_gives_byte_identical_files(four_blocks_bf16, ft_recipe, text_file, tmp_path):
+    """Resume stays byte-identical when the model is bf16 (blocks onloaded to fp32 and back,
+    adapters fine-tuned on an fp32 view, output written in bf16)."""
+    ref = run(four_blocks_bf16, ft_recipe, tmp_path / "ref", text_file)
+    assert ref.returncode == 0, ref.stderr
+    assert json.loads((tmp_path / "ref" / "config.json").read_text())["dtype"] == "bfloat16"
+    out = tmp_path / "out"
+    killed = run(four_blocks_bf16, ft_recipe, out, text_file, env={"SLIMKIT_FAULT_KILL_AFTER_BLOCK": "1"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run(four_blocks_bf16, ft_recipe, out, text_file, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "report.json").read_text())["resumed_from_block"] == 2
+    assert_same_files(tmp_path / "ref", out)

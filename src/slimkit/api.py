@@ -15,6 +15,7 @@ import torch
 from . import __version__, dist
 from .calib import compress_model
 from .calib.checkpoint import Checkpoint, files_digest, tensor_digest
+from .calib.device import Placement, peak_device_memory_mb, resolve_dtype
 from .calib.engine import check_recipe_fits
 from .data import calibration_ids, evaluation_ids
 from .errors import SlimkitError
@@ -25,7 +26,7 @@ from .eval.report import write_report
 from .models import layout_for, load_model
 from .models.layout import ResidentBlocks
 from .models.streaming import StreamedModel
-from .models.loading import resolve
+from .models.loading import model_config, resolve
 from .recipe import Recipe, load_recipe
 from .state_io import StateRecorder
 
@@ -86,11 +87,12 @@ def atomic_dir(out: Path, *, reuse: bool = False, keep=None):
         raise
 
 
-def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = "shakespeare",
+def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | torch.Tensor = "shakespeare",
              nsamples: int = 128, seqlen: int = 512, seed: int = 0, eval_data: str | None = "shakespeare:eval",
              eval_tokens: int = 16384, batch_size: int = 8, progress: bool = True,
              reference_cache: str | None = None, command: str | None = None, resume: bool = False,
-             low_memory: bool = False, offload_activations: bool = False) -> dict:
+             low_memory: bool = False, offload_activations: bool = False,
+             device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> dict:
     """Compress ``model`` with ``recipe`` into the Hugging Face folder ``out`` (fake-quantized
     weights that AutoModelForCausalLM loads) with report.json / report.md; returns the report.
 
@@ -100,7 +102,13 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
 
     ``low_memory`` reads the blocks of a safetensors folder one at a time and writes the output
     block by block (peak memory independent of the number of blocks); ``offload_activations``
-    keeps the calibration activations in memory-mapped files in the temporary folder."""
+    keeps the calibration activations in memory-mapped files in the temporary folder.
+
+    ``calib`` is a text source, or a LongTensor (N, S) of token ids (then ``nsamples`` and
+    ``seqlen`` are its shape and no tokenizer is needed). ``device``: where each block computes
+    (``auto``: the first CUDA device, else the CPU); ``dtype``: the storage dtype of the model and
+    of the output (``auto``: the checkpoint's own). Blocks compute in that dtype on CUDA and in
+    fp32 on a CPU; statistics and the OBS sweep are fp32 everywhere."""
     t0 = time.perf_counter()
     out_path = check_output_dir(out, model)
     partial = partial_dir(out_path)
@@ -113,33 +121,52 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
     dist.barrier()  # every worker has checked the output before worker 0 creates its partial folder
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     resolve(model)  # fails fast on a missing path
+    placement = Placement.make(device, resolve_dtype(dtype, model_config(model)))
+    if placement.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(placement.device)
+    given_ids = None
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32) or calib.numel() == 0:
+            raise SlimkitError(f"calibration token ids must be a non-empty (N, S) integer tensor, got "
+                               f"{tuple(calib.shape)} {calib.dtype}")
+        given_ids = calib.long()
+        nsamples, seqlen = map(int, given_ids.shape)
+        calib = f"token ids {nsamples} x {seqlen}"
     if low_memory and rec.finetune is not None:
         raise SlimkitError("--low-memory cannot fine-tune adapters (that needs the whole model in memory)")
     if low_memory and dist.active():
         raise SlimkitError("--low-memory is not supported with several workers yet")
     torch.manual_seed(seed)
-    streamed = StreamedModel(model) if low_memory else None
+    need_tok = given_ids is None or eval_data is not None
+    streamed = StreamedModel(model, with_tokenizer=need_tok, dtype=placement.storage) if low_memory else None
     if streamed is not None:
         m, tok, location, layout, source = streamed.model, streamed.tokenizer, streamed.location, streamed.layout, streamed
     else:
-        m, tok, location = load_model(model)
+        m, tok, location = load_model(model, dtype=placement.storage, with_tokenizer=need_tok)
         layout = layout_for(m)
         source = ResidentBlocks(m, layout)
     n_targets = check_recipe_fits(source, rec)
     if n_targets == 0:
         raise SlimkitError(f"recipe {rec.name!r} ignores every Linear of the model")
-    ids = calibration_ids(calib, tok, nsamples, seqlen, seed)
+    if given_ids is not None:
+        vocab = m.get_input_embeddings().weight.shape[0]
+        if int(given_ids.max()) >= vocab or int(given_ids.min()) < 0:
+            raise SlimkitError(f"calibration token ids must be in [0, {vocab}) for this model")
+        ids = given_ids
+    else:
+        ids = calibration_ids(calib, tok, nsamples, seqlen, seed)
     windows = evaluation_ids(eval_data, tok, seqlen, eval_tokens) if eval_data else None
     t_load = time.perf_counter() - t0
 
     if dist.rank() != 0:  # a helper worker: statistics of its share, collectives; worker 0 writes
-        compress_model(m, layout, rec, ids, batch_size=batch_size, progress=False)
+        compress_model(m, layout, rec, ids, batch_size=batch_size, progress=False, placement=placement)
         return {"worker": dist.rank()}
     records = _Records(keep_adapters=rec.finetune is not None, spill=low_memory)
     fingerprint = {
         "model": str(location), "model_files": files_digest(location), "recipe": rec.to_dict(),
         "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
         "calibration_tokens": tensor_digest(ids), "batch_size": batch_size, "low_memory": low_memory,
+        "placement": placement.describe(),
         "versions": {"slimkit": __version__, "torch": torch.__version__},
     }
     ckpt = None if dist.active() else Checkpoint(partial / "checkpoint", fingerprint)
@@ -150,11 +177,12 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
                                 on_layer=records.on_layer, checkpoint=ckpt, on_block=records.on_block,
                                 on_restore=records.on_restore, source=source,
                                 after_block=(lambda i, b: streamed.write_block(i, b, tmp)) if streamed else None,
-                                activations=str(tmp / ".activations") if offload_activations else None)
+                                activations=str(tmp / ".activations") if offload_activations else None,
+                                placement=placement)
         shutil.rmtree(tmp / ".activations", ignore_errors=True)
         finetune_report = None
         if rec.finetune is not None:
-            ft = finetune_adapters(m, records.adapters, ids, rec.finetune, progress=progress)
+            ft = finetune_adapters(m, records.adapters, ids, rec.finetune, progress=progress, placement=placement)
             for name, a in ft.pop("adapters").items():
                 records.state.tensors[f"{name}.L"], records.state.tensors[f"{name}.R"] = a["L"], a["R"]
             finetune_report = ft
@@ -166,6 +194,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
             "compression": result.to_dict(), "load_seconds": t_load,
             "compressed_params": sum(l.numel for l in result.layers),
             "peak_rss_compress_mb": peak_rss_mb(), "command": command, "resumed_from_block": resumed_from,
+            "device": placement.describe() | {"peak_memory_mb": peak_device_memory_mb(placement.device)},
         }
         if finetune_report is not None:
             report["finetune"] = finetune_report
@@ -182,9 +211,10 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str = 
         report["save_seconds"] = time.perf_counter() - t
         if windows is not None:
             if m is None:  # low memory: evaluate what was written (loaded whole, like any user would)
-                m = load_model(str(tmp), with_tokenizer=False)[0]
+                m = load_model(str(tmp), dtype=placement.storage, with_tokenizer=False)[0]
             report["eval"] = evaluate_against_dense(m, model, windows, progress=progress,
-                                                    reference_cache=reference_cache) | {"source": eval_data}
+                                                    reference_cache=reference_cache,
+                                                    placement=placement) | {"source": eval_data}
         report["peak_rss_total_mb"] = peak_rss_mb()
         if dist.active():
             report["workers"] = dist.world_size()
@@ -208,8 +238,8 @@ class _Records:
 
     def on_layer(self, state) -> None:
         self.state(state)
-        if self.keep_adapters and state.L is not None:
-            self.adapters[state.name] = {"weight": state.weight, "L": state.L, "R": state.R,
+        if self.keep_adapters and state.L is not None:  # kept on the CPU until fine-tuning
+            self.adapters[state.name] = {"weight": state.weight.cpu(), "L": state.L.cpu(), "R": state.R.cpu(),
                                          "bits": state.adapter_bits, "group": state.adapter_group}
 
     def on_block(self, index: int) -> tuple[dict, dict]:
@@ -237,21 +267,28 @@ class _Records:
 
 
 def evaluate_against_dense(model, dense_spec: str, windows: torch.Tensor, *, progress: bool = True,
-                           reference_cache: str | None = None) -> dict:
-    """Perplexity of ``model`` and KL to the dense model ``dense_spec`` on ``windows``."""
+                           reference_cache: str | None = None, placement: Placement | None = None) -> dict:
+    """Perplexity of ``model`` and KL to the dense model ``dense_spec`` on ``windows``, computed
+    on ``placement`` (default: the CPU in the models' dtype)."""
     cache = ReferenceCache(reference_cache, windows_key(windows, resolve(dense_spec)[1])) if reference_cache else None
     dense = None
     if cache is None or not cache.ready():
-        dense, _, _ = load_model(dense_spec, with_tokenizer=False)
+        dense, _, _ = load_model(dense_spec, dtype=placement.storage if placement else "auto", with_tokenizer=False)
     t = time.perf_counter()
-    res = evaluate(model, windows, dense, cache=cache, progress=progress, desc="eval (compressed vs dense)")
+    res = evaluate(model, windows, dense, cache=cache, progress=progress, desc="eval (compressed vs dense)",
+                   placement=placement)
     return res.to_dict() | {"seconds": time.perf_counter() - t}
 
 
 def evaluate_model(model: str, data: str = "shakespeare:eval", *, reference: str | None = None,
-                   seqlen: int = 512, max_tokens: int | None = 16384, progress: bool = True) -> dict:
-    m, tok, _ = load_model(model)
+                   seqlen: int = 512, max_tokens: int | None = 16384, progress: bool = True,
+                   device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> dict:
+    """Perplexity of ``model`` (and KL to ``reference``); each block computes on ``device``."""
+    storage = resolve_dtype(dtype, model_config(model))
+    placement = Placement.make(device, storage)
+    m, tok, _ = load_model(model, dtype=storage)
     windows = evaluation_ids(data, tok, seqlen, max_tokens)
-    ref = load_model(reference, with_tokenizer=False)[0] if reference else None
-    res = evaluate(m, windows, ref, progress=progress)
-    return res.to_dict() | {"source": data, "model": model, "reference": reference}
+    ref = load_model(reference, dtype=storage, with_tokenizer=False)[0] if reference else None
+    res = evaluate(m, windows, ref, progress=progress, placement=placement)
+    return res.to_dict() | {"source": data, "model": model, "reference": reference,
+                           "device": placement.describe()}

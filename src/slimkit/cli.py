@@ -37,10 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    placement = _Parser(add_help=False)
+    placement.add_argument("--device", default="auto",
+                           help="where blocks compute: auto (the first CUDA device, else the CPU), cpu, cuda, cuda:N")
+    placement.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                           help="storage dtype of the model and the output (auto: the checkpoint's own); blocks "
+                                "compute in it on CUDA and in float32 on a CPU")
     p = _Parser(prog="slimkit", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
-    c = sub.add_parser("compress", help="compress a model with a recipe", parents=[common])
+    c = sub.add_parser("compress", help="compress a model with a recipe", parents=[common, placement])
     c.add_argument("model", help="'default' (embedded SmolLM2-135M-Instruct), a HF folder, a .gguf file or a hub id")
     c.add_argument("--recipe", required=True, help="a built-in recipe name (see `slimkit recipes`) or a YAML file")
     c.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -64,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration activations in memory-mapped files beside --out, not in RAM")
 
-    e = sub.add_parser("eval", help="perplexity (and KL to a reference) of a model", parents=[common])
+    e = sub.add_parser("eval", help="perplexity (and KL to a reference) of a model", parents=[common, placement])
     e.add_argument("model")
     e.add_argument("--data", default="shakespeare:eval", help="evaluation text source (default shakespeare:eval)")
     e.add_argument("--reference", default=None, help="dense model to measure KL against")
@@ -74,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the built-in recipes", parents=[common])
 
     x = sub.add_parser("export", help="write a compressed folder as compressed-tensors, PEFT or native", parents=[common])
+    x.add_argument("--device", default="cpu", help="device for the export's tensor work (default cpu)")
     x.add_argument("dir", help="a `slimkit compress` output folder")
     x.add_argument("--format", required=True, choices=["compressed-tensors", "peft", "native"])
     x.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -84,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
 
     g = sub.add_parser("generate", help="greedy text from a (packed) folder, for a quick look", parents=[common])
+    g.add_argument("--device", default="cpu", help="where the packed model runs: cpu (default), auto, cuda, cuda:N")
     g.add_argument("dir")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=_positive(int), default=40)
@@ -125,7 +133,7 @@ def run(argv=None) -> int:
                           eval_data=None if args.no_eval else args.eval_data, eval_tokens=args.eval_tokens,
                           batch_size=args.batch_size, progress=progress, reference_cache=args.reference_cache,
                           resume=args.resume, low_memory=args.low_memory,
-                          offload_activations=args.offload_activations,
+                          offload_activations=args.offload_activations, device=args.device, dtype=args.dtype,
                           command="slimkit " + shlex.join(sys.argv[1:] if argv is None else argv))
         if "worker" in report:  # a torchrun helper worker: worker 0 reports
             return 0
@@ -136,7 +144,7 @@ def run(argv=None) -> int:
     if args.cmd == "eval":
         from .api import evaluate_model
         r = evaluate_model(args.model, args.data, reference=args.reference, seqlen=args.seqlen,
-                           max_tokens=args.max_tokens, progress=progress)
+                           max_tokens=args.max_tokens, progress=progress, device=args.device, dtype=args.dtype)
         rows = [("model", r["model"]), ("data", f"{r['source']}: {r['windows']} x {r['seqlen']} tokens"),
                 ("perplexity", f"{r['ppl']:.3f}")]
         if r.get("kl") is not None:
@@ -146,7 +154,7 @@ def run(argv=None) -> int:
 
     if args.cmd == "export":
         from .export import export
-        out = export(args.dir, args.format, args.out, dense_dtype=args.dense_dtype)
+        out = export(args.dir, args.format, args.out, dense_dtype=args.dense_dtype, device=args.device)
         print(f"wrote {out} ({args.format})")
         return 0
 
@@ -157,7 +165,8 @@ def run(argv=None) -> int:
 
     if args.cmd == "generate":
         from .pack.generate import generate
-        r = generate(args.dir, args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode, head=args.head)
+        r = generate(args.dir, args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode, head=args.head,
+                     device=args.device)
         print(r["text"])
         print(f"\n[{r['new_tokens']} tokens, {r['tokens_per_s']:.1f} tokens/s decode, load {r['load_s']:.1f} s]",
               file=sys.stderr)

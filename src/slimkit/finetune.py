@@ -71,10 +71,13 @@ class AdapterLinear(nn.Module):
     def __init__(self, base: nn.Linear, weight: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
                  bits: int | None, group: int):
         super().__init__()
-        self.register_buffer("weight", weight.detach().clone())
+        # the frozen base computes like the Linear it replaces (its device and dtype); the
+        # adapters train in fp32 on that device
+        like = base.weight
+        self.register_buffer("weight", weight.detach().to(like.device, like.dtype, copy=True))
         self.register_buffer("bias", None if base.bias is None else base.bias.detach().clone())
-        self.L = nn.Parameter(L.detach().clone())
-        self.R = nn.Parameter(R.detach().clone())
+        self.L = nn.Parameter(L.detach().to(like.device, torch.float32, copy=True))
+        self.R = nn.Parameter(R.detach().to(like.device, torch.float32, copy=True))
         self.bits, self.group = bits, group
         self.in_features, self.out_features = base.in_features, base.out_features
 
@@ -85,12 +88,14 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x):
         L, R = self.adapters()
-        return F.linear(x, self.weight, self.bias) + (x @ L) @ R
+        y = (x if x.dtype == L.dtype else x.to(L.dtype)) @ L @ R
+        return F.linear(x, self.weight, self.bias) + y.to(x.dtype)
 
     def merged(self) -> nn.Linear:
         L, R = (t.detach() for t in self.adapters())
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        lin.weight.data.copy_(self.weight + (L @ R).T)
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        lin.weight.data.copy_(self.weight.float() + (L @ R).T)
         if self.bias is not None:
             lin.bias.data.copy_(self.bias)
         lin.requires_grad_(False)
@@ -103,12 +108,22 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def finetune_adapters(model: nn.Module, adapters: dict[str, dict], ids: torch.Tensor, cfg: FinetuneConfig,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, placement=None) -> dict:
     """Train the adapters of ``adapters`` (name -> {weight, L, R, bits, group}) on token windows
     ``ids`` (N, S). Merges the result back into plain Linears; returns the loss curve and the
-    trained (quantized) adapters per layer."""
+    trained (quantized) adapters per layer (on the CPU).
+
+    With a ``placement`` that moves blocks (calib.device.Placement), the whole model moves to
+    the compute device in the compute dtype for the training (backward needs every block) and
+    back to its storage afterwards; on a CPU that is a temporary fp32 copy of a bf16 model."""
     if not adapters:
         raise RecipeError("finetune needs low-rank adapters (slim_lora, or reallm with a rank above 0), and no layer has any")
+    if placement is not None and placement.offloads:
+        home = placement.onload(model)
+        try:
+            return finetune_adapters(model, adapters, ids, cfg, progress=progress)
+        finally:
+            placement.offload(model, home)
     wrapped = {}
     for name, a in adapters.items():
         base = model.get_submodule(name)
@@ -132,7 +147,7 @@ def finetune_adapters(model: nn.Module, adapters: dict[str, dict], ids: torch.Te
         bar = tqdm(range(cfg.steps), desc="finetune adapters", unit="step", disable=not progress)
         for step in bar:
             pick = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % ids.shape[0]
-            batch = ids[order[pick]]
+            batch = ids[order[pick]].to(model.get_input_embeddings().weight.device)
             with torch.enable_grad():
                 logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
@@ -148,7 +163,7 @@ def finetune_adapters(model: nn.Module, adapters: dict[str, dict], ids: torch.Te
         model.eval()
         trained = {}
         for name, m in wrapped.items():
-            L, R = (t.detach().clone() for t in m.adapters())
+            L, R = (t.detach().cpu().clone() for t in m.adapters())
             trained[name] = {"L": L, "R": R}
             _set_module(model, name, m.merged())
     return {"loss": curve, "seconds": time.perf_counter() - t0, "config": cfg.to_dict(), "adapters": trained}

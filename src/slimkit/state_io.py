@@ -51,7 +51,8 @@ def layer_record(state: LinearState) -> tuple[dict[str, torch.Tensor], dict]:
     if "vq" in state.notes:  # how to decode a vector-quantized base from its tensors
         meta["vq"] = state.notes["vq"]
     meta["bits"] = state.bits()
-    return {f"{state.name}.{k}": v.contiguous() for k, v in tensors.items()}, meta
+    # records live on the CPU (a stage may leave its tensors on the compute device)
+    return {f"{state.name}.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
 
 
 def save_sorted(tensors: dict[str, torch.Tensor], path: Path) -> None:

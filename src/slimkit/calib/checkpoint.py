@@ -117,12 +117,14 @@ class Checkpoint:
                payload_meta: dict | None = None) -> None:
         assert index == self.done, (index, self.done)
         # a block written elsewhere already (a streamed model's output shard) is not copied here
-        tensors = {k: v.detach().contiguous() for k, v in block.state_dict().items()} if block is not None else {}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()} if block is not None else {}
         for k, v in (payload or {}).items():
-            tensors[PAYLOAD + k] = v.detach().contiguous()
+            tensors[PAYLOAD + k] = v.detach().cpu().contiguous()
         save_file(tensors, str(self.dir / f"block_{index}.safetensors"))
-        save_file({"inputs": next_inputs.contiguous(), "rng": torch.get_rng_state()},
-                  str(self.dir / f"inputs_{index}.safetensors"))
+        state = {"inputs": next_inputs.detach().cpu().contiguous(), "rng": torch.get_rng_state()}
+        if next_inputs.device.type == "cuda":  # the compute device's generator too
+            state["cuda_rng"] = torch.cuda.get_rng_state(next_inputs.device)
+        save_file(state, str(self.dir / f"inputs_{index}.safetensors"))
         self.progress["done"] = index + 1
         self.progress["layers"].extend(layers)
         self.progress["blocks"].append(block_report)
@@ -148,10 +150,13 @@ class Checkpoint:
                                f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
         return payload, self.progress.get("payload_meta", [{}] * self.done)[index]
 
-    def restore_inputs(self) -> torch.Tensor:
-        """The inputs of the first unfinished block; also restores the RNG state."""
+    def restore_inputs(self, device: torch.device | None = None) -> torch.Tensor:
+        """The inputs of the first unfinished block; also restores the RNG state (of the CPU, and
+        of ``device`` when it is the CUDA device the run was checkpointed on)."""
         tensors = self._load(self.dir / f"inputs_{self.done - 1}.safetensors")
         torch.set_rng_state(tensors["rng"])
+        if "cuda_rng" in tensors and device is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["cuda_rng"], device)
         return tensors["inputs"]
 
     def _load(self, path: Path) -> dict[str, torch.Tensor]:

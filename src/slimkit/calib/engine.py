@@ -26,6 +26,7 @@ from ..methods.base import HESSIAN, INPUT_SAMPLE, SAMPLE_ROWS, BlockContext, Lin
 from ..models.layout import ModelLayout, ResidentBlocks
 from ..recipe import Recipe
 from .checkpoint import Checkpoint
+from .device import Placement, free_device_memory, to_device
 from .hooks import ErrorProbe, StatsCollector, capture_block_inputs, run_block
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,21 @@ def activation_buffer(folder: str | None, name: str, like: torch.Tensor, copy: b
     return t
 
 
+def place_activations(inputs: torch.Tensor, placement: Placement, folder: str | None) -> torch.Tensor:
+    """The captured block inputs (N, S, H) in the compute dtype, where they will live: on the
+    compute device when the three activation buffers fit in half of its free memory, else in
+    (pinned, for fast copies) CPU memory, or memory-mapped files with ``folder``."""
+    inputs = inputs.to(placement.compute)
+    if folder is None and placement.device.type == "cuda":
+        free = free_device_memory(placement.device) or 0
+        if 3 * inputs.numel() * inputs.element_size() <= free // 2:
+            return inputs.to(placement.device)
+        log.info("calibration activations (%.1f GiB x 3) stay in CPU memory: the device has %.1f GiB free",
+                 inputs.numel() * inputs.element_size() / 2**30, free / 2**30)
+        return inputs.pin_memory()
+    return inputs
+
+
 def target_linears(source, recipe: Recipe, index: int, block: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in source.linears(index, block).items() if not recipe.ignores(n)}
 
@@ -117,7 +133,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
                    batch_size: int = 8, probe_sequences: int = 8, progress: bool = True,
                    on_layer=None, checkpoint: Checkpoint | None = None, on_block=None,
                    on_restore=None, source=None, after_block=None,
-                   activations: str | None = None) -> CompressionResult:
+                   activations: str | None = None, placement: Placement | None = None) -> CompressionResult:
     """Compress ``model`` in place. ``calib_ids`` (N, S) token windows; data-free recipes use only
     the first ``probe_sequences`` of them, to measure errors. ``on_layer(state)`` sees every
     finished LinearState (e.g. to persist grids and masks) before it is dropped.
@@ -130,7 +146,11 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
     ``source`` gives the blocks (default: the model's own, in memory; a StreamedModel reads
     each from disk), ``after_block(i, block)`` sees each finished block before it is dropped
     (e.g. to write it out), and ``activations`` names a folder where the calibration
-    activations live as memory-mapped files instead of in RAM."""
+    activations live as memory-mapped files instead of in RAM.
+
+    ``placement`` says where blocks compute and in which dtype (default: the CPU, fp32): each
+    block is moved there for its forwards and stages and moved back to its storage (device and
+    dtype) before ``after_block`` and the checkpoint see it."""
     t_start = time.perf_counter()
     timings: dict[str, float] = defaultdict(float)
     prior_total = 0.0
@@ -139,6 +159,8 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
     if data_free:
         calib_ids = calib_ids[:probe_sequences]
     source = source if source is not None else ResidentBlocks(model, layout)
+    placement = placement or Placement.make("cpu", torch.float32)
+    dev, cdt = placement.device, placement.compute
     check_recipe_fits(source, recipe)
     refiners = [st for st in recipe.stages if type(st).refine_block is not Stage.refine_block]
     n_sequences = int(calib_ids.shape[0])
@@ -159,7 +181,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
     timings["capture"] += time.perf_counter() - t
     if dist.any_true(not torch.isfinite(inputs).all()):  # every worker raises, none waits in a collective
         raise NumericalError("the embeddings of the calibration data contain NaN/Inf")
-    inputs = activation_buffer(activations, "a", inputs)
+    inputs = activation_buffer(activations, "a", place_activations(inputs, placement, activations))
     dense_out = activation_buffer(activations, "b", inputs, copy=False)
     next_in = activation_buffer(activations, "c", inputs, copy=False)
 
@@ -173,7 +195,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
             payload, meta = checkpoint.restore_block(j, source.get(j) if source.resident else None)
             if on_restore is not None:
                 on_restore(j, payload, meta)
-        restored = checkpoint.restore_inputs()
+        restored = checkpoint.restore_inputs(dev)
         if restored.shape != inputs.shape:
             raise NumericalError(f"the checkpoint's activations {tuple(restored.shape)} do not match the "
                                  f"calibration data {tuple(inputs.shape)}")
@@ -193,6 +215,10 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         block = source.get(i)
         timings["load_block"] += time.perf_counter() - t
         linears = target_linears(source, recipe, i, block)
+        stored = {n: lin.weight.dtype for n, lin in linears.items()}
+        t = time.perf_counter()
+        home = placement.onload(block)
+        timings["onload"] += time.perf_counter() - t
         for name, p in block.named_parameters():  # before any forward spreads it: name the tensor
             if not torch.isfinite(p).all():
                 raise NumericalError(f"block {i}: {layout.blocks_path}.{i}.{name} of the input model contains NaN/Inf")
@@ -202,11 +228,12 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         collector = StatsCollector(linears, want_hessian=HESSIAN in needs,
                                    sample_rows=SAMPLE_ROWS if INPUT_SAMPLE in needs else 0)
         if data_free:
-            run_block(block, inputs, kwargs_list, batch_size, out=dense_out)
+            run_block(block, inputs, kwargs_list, batch_size, out=dense_out, device=dev, dtype=cdt)
             stats = {}
         else:
             with collector.attach():
-                run_block(block, inputs, kwargs_list, batch_size, out=dense_out, on_batch=collector.new_batch)
+                run_block(block, inputs, kwargs_list, batch_size, out=dense_out, on_batch=collector.new_batch,
+                          device=dev, dtype=cdt)
             stats = collector.finalize()
         timings["stats_forward"] += time.perf_counter() - t
 
@@ -222,12 +249,13 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
             if not torch.isfinite(state.weight).all():
                 raise NumericalError(f"block {i}: {name} became NaN/Inf after compression")
             originals[name] = state.original
-            lin.weight.data.copy_(state.effective_weight().to(lin.weight.dtype))
+            lin.weight.data.copy_(placement.as_stored(state.effective_weight(), stored[name]))
             dist.broadcast(lin.weight.data)  # every worker continues with worker 0's result
             states[name] = state
         del stats
         if refiners:
-            ctx = BlockContext(i, block, linears, states, inputs, dense_out, kwargs_list, batch_size)
+            ctx = BlockContext(i, block, linears, states, inputs.to(dev), dense_out.to(dev),
+                               to_device(kwargs_list, dev, cdt), batch_size, stored=stored)
             for st in refiners:
                 t = time.perf_counter()
                 st.refine_block(ctx)
@@ -237,7 +265,8 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         t = time.perf_counter()
         probe = ErrorProbe(linears, originals, probe_batches)
         with probe.attach():
-            run_block(block, inputs, kwargs_list, batch_size, out=next_in, on_batch=probe.new_batch)
+            run_block(block, inputs, kwargs_list, batch_size, out=next_in, on_batch=probe.new_batch,
+                      device=dev, dtype=cdt)
         timings["next_forward"] += time.perf_counter() - t
         if dist.any_true(not torch.isfinite(next_in).all()):
             raise NumericalError(f"block {i} produces NaN/Inf outputs after compression")
@@ -260,6 +289,9 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         sq = dist.all_reduce_sum(torch.stack([(next_in - dense_out).double().square().sum(),
                                               dense_out.double().square().sum()]))
         err = (sq[0] / sq[1].clamp_min(1e-60)).sqrt().item()
+        t = time.perf_counter()
+        placement.offload(block, home)
+        timings["offload"] += time.perf_counter() - t
         block_reports.append(BlockReport(i, err, time.perf_counter() - tb))
         bar.set_postfix(out_err=f"{err:.4f}")
         log.debug("block %d: output rel. error %.5f", i, err)

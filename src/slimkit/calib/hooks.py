@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import dist
 from ..methods.base import LinearStats
+from .device import to_device
 
 
 class _StopForward(Exception):
@@ -50,15 +51,22 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, ids: torch.Tensor, 
 
 
 def run_block(block: nn.Module, inputs: torch.Tensor, kwargs_list: list[dict], batch_size: int,
-              out: torch.Tensor | None = None, on_batch=None) -> torch.Tensor:
-    """Block outputs (N, S, H) for inputs (N, S, H), batch by batch."""
+              out: torch.Tensor | None = None, on_batch=None, device: torch.device | None = None,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Block outputs (N, S, H) for inputs (N, S, H), batch by batch. With ``device``, each batch
+    (and its keyword arguments) is moved there, in ``dtype``, before the block runs, and the
+    outputs are copied back into ``out`` wherever it lives (activations offloaded to the CPU)."""
     out = torch.empty_like(inputs) if out is None else out
     with torch.no_grad():
         for b, kw in enumerate(kwargs_list):
             sl = slice(b * batch_size, (b + 1) * batch_size)
             if on_batch is not None:
                 on_batch(b)
-            y = block(inputs[sl], **kw)
+            x = inputs[sl]
+            if device is not None:
+                x = x.to(device, dtype or x.dtype, non_blocking=True)
+                kw = to_device(kw, device, dtype)
+            y = block(x, **kw)
             out[sl] = y[0] if isinstance(y, (tuple, list)) else y
     return out
 
@@ -117,12 +125,13 @@ class StatsCollector:
 
 class ErrorProbe:
     """Relative output error of each compressed Linear against its original weight, on the
-    inputs it actually sees in the compressed model (the first ``max_batches`` batches)."""
+    inputs it actually sees in the compressed model (the first ``max_batches`` batches).
+    The sums stay on the compute device until ``relative`` (one host sync per block)."""
 
     def __init__(self, linears: dict[str, nn.Linear], originals: dict[str, torch.Tensor], max_batches: int):
         self.linears, self.originals, self.max_batches = linears, originals, max_batches
-        self.err = {n: 0.0 for n in linears}
-        self.ref = {n: 0.0 for n in linears}
+        self.err: dict[str, torch.Tensor | float] = {n: 0.0 for n in linears}
+        self.ref: dict[str, torch.Tensor | float] = {n: 0.0 for n in linears}
         self.batch = 0
 
     def new_batch(self, b: int) -> None:
@@ -132,9 +141,11 @@ class ErrorProbe:
         def fn(module, args, output):
             if self.batch >= self.max_batches:
                 return
-            y = F.linear(args[0], self.originals[name], module.bias)
-            self.err[name] += (output - y).square().sum().item()
-            self.ref[name] += y.square().sum().item()
+            x = args[0]
+            w = self.originals[name]
+            y = F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), module.bias)
+            self.err[name] += (output - y).square().sum(dtype=torch.float64)
+            self.ref[name] += y.square().sum(dtype=torch.float64)
         return fn
 
     def attach(self):
@@ -142,6 +153,7 @@ class ErrorProbe:
 
     def relative(self) -> dict[str, float]:
         names = list(self.linears)
-        sums = dist.all_reduce_sum(torch.tensor([[self.err[n] for n in names], [self.ref[n] for n in names]],
-                                                dtype=torch.float64))
+        sums = torch.tensor([[float(self.err[n]) for n in names], [float(self.ref[n]) for n in names]],
+                            dtype=torch.float64)
+        sums = dist.all_reduce_sum(sums)
         return {n: (e / r) ** 0.5 if r > 0 else 0.0 for n, e, r in zip(names, sums[0].tolist(), sums[1].tolist())}

@@ -42,6 +42,14 @@ def _logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
+def _input_device(model) -> torch.device:
+    """Where the model reads its token ids (its embedding's device)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except AttributeError:
+        return torch.device("cpu")
+
+
 class ReferenceCache:
     """Dense log-probabilities of the eval windows, computed once and memory-mapped."""
 
@@ -78,10 +86,17 @@ def windows_key(windows: torch.Tensor, reference_id: str) -> str:
 
 
 def evaluate(model, windows: torch.Tensor, reference=None, *, cache: ReferenceCache | None = None,
-             batch_size: int = 1, progress: bool = True, desc: str = "eval") -> EvalResult:
+             batch_size: int = 1, progress: bool = True, desc: str = "eval", placement=None) -> EvalResult:
     """Perplexity of ``model`` on ``windows`` (n, S); KL to ``reference`` (a model) when given.
     With ``cache``, the reference's log-probs are read from it (or written to it on first use),
-    and ``reference`` may be None once the cache is ready."""
+    and ``reference`` may be None once the cache is ready. ``placement`` (calib.device.Placement)
+    says where and in which dtype the models compute (default: where they are)."""
+    if placement is not None:
+        from ..calib.device import placed
+
+        with placed(placement, model, reference):
+            return evaluate(model, windows, reference, cache=cache, batch_size=batch_size,
+                            progress=progress, desc=desc)
     n, S = windows.shape
     V = None
     nll_sum = ref_nll_sum = kl_sum = 0.0
@@ -91,7 +106,7 @@ def evaluate(model, windows: torch.Tensor, reference=None, *, cache: ReferenceCa
     complete = False
     try:
         for s in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
-            ids = windows[s:s + batch_size]
+            ids = windows[s:s + batch_size].to(_input_device(model))
             lp = _logprobs(model, ids)  # (B, S-1, V)
             V = lp.shape[-1]
             tgt = ids[:, 1:]
@@ -102,11 +117,11 @@ def evaluate(model, windows: torch.Tensor, reference=None, *, cache: ReferenceCa
                     cache.open((n, S - 1, V))
                     opened = True
                 if cache is not None and cache.ready():
-                    ref = torch.from_numpy(np.array(cache.arr[s:s + batch_size]))  # a copy: the memmap is read-only
+                    ref = torch.from_numpy(np.array(cache.arr[s:s + batch_size])).to(lp.device)  # a copy: read-only memmap
                 else:
-                    ref = _logprobs(reference, ids)
+                    ref = _logprobs(reference, ids.to(_input_device(reference))).to(lp.device)
                     if cache is not None:
-                        cache.arr[s:s + batch_size] = ref.numpy()
+                        cache.arr[s:s + batch_size] = ref.cpu().numpy()
                 ref_nll_sum += -ref.gather(-1, tgt[..., None]).sum().item()
                 kl_sum += (ref.exp() * (ref - lp)).sum().item()
         complete = True

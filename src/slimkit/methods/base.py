@@ -40,8 +40,9 @@ class LinearStats:
         self.in_features = in_features
         self.nsamples = 0
         self.ntokens = 0
-        self._act_sq = torch.zeros(in_features, dtype=torch.float64)
-        self._H = torch.zeros(in_features, in_features) if want_hessian else None
+        self.want_hessian = want_hessian
+        self._act_sq: torch.Tensor | None = None  # allocated on the first input's device
+        self._H: torch.Tensor | None = None
         self.sample_rows = sample_rows
         self._sample: list[torch.Tensor] = []
         self._inverse: dict[tuple, InverseHessian] = {}
@@ -50,6 +51,10 @@ class LinearStats:
     def add(self, x: torch.Tensor) -> None:
         self.nsamples += x.shape[0] if x.dim() > 2 else 1
         x = x.reshape(-1, self.in_features).to(torch.float32)  # (tokens, in)
+        if self._act_sq is None:
+            self._act_sq = torch.zeros(self.in_features, dtype=torch.float64, device=x.device)
+            if self.want_hessian:
+                self._H = torch.zeros(self.in_features, self.in_features, device=x.device)
         self.ntokens += x.shape[0]
         self._act_sq += x.square().sum(0, dtype=torch.float64)
         if self._H is not None:
@@ -69,13 +74,14 @@ class LinearStats:
         if self._H is not None:
             dist.all_reduce_sum(self._H)
         if self.sample_rows:
-            local = torch.cat(self._sample) if self._sample else torch.zeros(0, self.in_features)
+            local = torch.cat(self._sample) if self._sample else \
+                torch.zeros(0, self.in_features, device=self._act_sq.device if self._act_sq is not None else None)
             self._sample = [dist.gather_rows(local, self.sample_rows)]
 
     def finalize(self, name: str = "") -> None:
         if self.final:
             return
-        if self.ntokens == 0:
+        if self.ntokens == 0 or self._act_sq is None:
             raise NumericalError(f"{name or 'a layer'} saw no calibration tokens")
         if not torch.isfinite(self._act_sq).all():
             raise NumericalError(f"the calibration activations entering {name or 'a layer'} contain NaN/Inf")
@@ -194,12 +200,16 @@ class BlockContext:
     states: dict[str, LinearState]
     inputs: torch.Tensor  # (N, S, H) this block's calibration inputs (from the compressed model)
     targets: torch.Tensor  # (N, S, H) the dense block's outputs on the same inputs
-    kwargs_list: list[dict]  # per-batch keyword arguments of the block
+    kwargs_list: list[dict]  # per-batch keyword arguments of the block (on the block's device)
     batch_size: int
+    # the dtype each Linear's weight is stored in (the block computes in its weight's dtype):
+    # a written weight is rounded to that first, so the block computes with what is saved
+    stored: dict[str, torch.dtype] = field(default_factory=dict)
 
     def write(self, name: str) -> None:
         lin = self.linears[name]
-        lin.weight.data.copy_(self.states[name].effective_weight().to(lin.weight.dtype))
+        w = self.states[name].effective_weight()
+        lin.weight.data.copy_(w.to(self.stored.get(name, lin.weight.dtype)).to(lin.weight.dtype))
 
 
 class Stage:

@@ -140,19 +140,35 @@ def check_tokenizer_fits(spec: str, model, tok) -> None:
                          f"range of the embedding ({rows} rows); the tokenizer has {len(tok)} tokens")
 
 
-def load_model(spec: str, dtype=torch.float32, with_tokenizer: bool = True):
-    """-> (model in eval mode, tokenizer or None, location). Computation stays in fp32 on the CPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def model_config(spec: str):
+    """The config of a folder or hub model (None for a GGUF file)."""
+    from transformers import AutoConfig
 
     kind, loc = resolve(spec)
     if kind == "gguf":
+        return None
+    try:
+        return AutoConfig.from_pretrained(loc)
+    except Exception as e:
+        where = "from the Hugging Face hub (is it reachable?)" if kind == "hub" else f"from {loc!r}"
+        raise ModelError(f"cannot read the config of {spec!r} {where}: {first_line(e)}") from None
+
+
+def load_model(spec: str, dtype="auto", with_tokenizer: bool = True):
+    """-> (model in eval mode on the CPU, tokenizer or None, location). ``dtype``: ``auto`` (the
+    checkpoint's own dtype: a bf16 checkpoint stays bf16, no fp32 copy is made; fp32 for GGUF
+    files, which are dequantized), a name or a torch dtype. Where it computes is the caller's
+    choice (calib.device.Placement)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..calib.device import resolve_dtype
+
+    kind, loc = resolve(spec)
+    config = model_config(spec)
+    dtype = resolve_dtype(dtype, config)
+    if kind == "gguf":
         model, tok = _load_gguf(Path(loc), dtype)
     else:
-        try:
-            AutoConfig.from_pretrained(loc)
-        except Exception as e:
-            where = "from the Hugging Face hub (is it reachable?)" if kind == "hub" else f"from {loc!r}"
-            raise ModelError(f"cannot read the config of {spec!r} {where}: {first_line(e)}") from None
         try:
             model = AutoModelForCausalLM.from_pretrained(loc, dtype=dtype)
         except Exception as e:

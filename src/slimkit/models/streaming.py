@@ -28,6 +28,7 @@ from .loading import check_tokenizer_fits, resolve
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
+_DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
 
 
 class TensorStore:
@@ -75,8 +76,10 @@ class StreamedModel:
 
     resident = False
 
-    def __init__(self, spec: str, with_tokenizer: bool = True):
+    def __init__(self, spec: str, with_tokenizer: bool = True, dtype="auto"):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from ..calib.device import resolve_dtype
 
         kind, loc = resolve(spec)
         if kind != "dir":
@@ -86,9 +89,10 @@ class StreamedModel:
             self.config = AutoConfig.from_pretrained(loc)
         except Exception as e:
             raise ModelError(f"cannot read the config of {spec!r}: {first_line(e)}") from None
+        self.dtype = resolve_dtype(dtype, self.config)  # storage: the checkpoint's own, by default
         self.store = TensorStore(loc)
         self.n_blocks = int(self.config.num_hidden_layers)
-        self.model = AutoModelForCausalLM.from_config(_one_block_config(self.config), dtype=torch.float32)
+        self.model = AutoModelForCausalLM.from_config(_one_block_config(self.config), dtype=self.dtype)
         self.model.eval().requires_grad_(False)
         self.model.config.use_cache = False
         self.layout: ModelLayout = layout_for(self.model)
@@ -98,7 +102,7 @@ class StreamedModel:
         for key, t in shell.items():
             if key not in self.store.where and tied and key.endswith("lm_head.weight"):
                 continue  # tied to the embedding, restored by tie_weights below
-            t.copy_(self.store.get(key))
+            t.copy_(self.store.get(key))  # (copy_ casts to the shell's dtype)
         if tied:
             self.model.tie_weights()
         self.template = self.layout.blocks(self.model)[0]
@@ -115,7 +119,8 @@ class StreamedModel:
         for name, t in list(block.named_parameters()) + list(block.named_buffers()):
             key = f"{self.prefix}{index}.{name}"
             if key in self.store.where or isinstance(t, nn.Parameter):
-                t.data = self.store.get(key).to(torch.float32)
+                t.data = self.store.get(key).to(t.dtype if not t.is_floating_point() else
+                                                self.dtype if isinstance(t, nn.Parameter) else t.dtype)
         for m in block.modules():
             if hasattr(m, "layer_idx"):
                 m.layer_idx = index
@@ -163,11 +168,11 @@ class StreamedModel:
                 for k in h.keys():
                     weight_map[k] = self.shard_name(i)
                     sl = h.get_slice(k)
-                    total += torch.Size(sl.get_shape()).numel() * 4
+                    total += torch.Size(sl.get_shape()).numel() * _DTYPE_BYTES.get(sl.get_dtype(), 4)
         (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                              "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         config = copy.deepcopy(self.config)
-        config.dtype = torch.float32
+        config.dtype = self.dtype
         config.use_cache = True
         config.save_pretrained(out)
         gen = Path(self.location) / "generation_config.json"

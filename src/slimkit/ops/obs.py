@@ -33,30 +33,54 @@ class InverseHessian:
 def inverse_hessian(H: torch.Tensor, percdamp: float = 0.01, actorder: bool = False,
                     max_tries: int = 6, name: str = "") -> InverseHessian:
     """Dead inputs get H_jj = 1; damping percdamp * mean(diag H), multiplied by 10 on each
-    Cholesky failure (logged) up to ``max_tries`` times."""
-    H = H.detach().to(torch.float64).clone()
+    Cholesky failure (logged) up to ``max_tries`` times.
+
+    Works on a copy of H in fp32 on H's device and damps its diagonal in place (no identity
+    matrix): at most three (K, K) fp32 matrices live at once (H, its Cholesky factor, the
+    inverse). Only when the fp32 factorisation fails is it retried in fp64."""
     if not torch.isfinite(H).all():
         raise NumericalError(f"the Hessian of {name or 'a layer'} has NaN/Inf entries")
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    H = H.detach().to(torch.float32, copy=True)  # (K, K)
+    diag = H.diagonal()
+    dead = diag == 0
+    diag[dead] = 1
     perm = None
     if actorder:
-        perm = torch.argsort(torch.diag(H), descending=True)
+        perm = torch.argsort(diag, descending=True)
         H = H[perm][:, perm]
-    mean_diag = torch.mean(torch.diag(H)).item()
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    d0 = H.diagonal().clone()  # (K,) undamped diagonal
+    mean_diag = d0.mean().item()
     damp = percdamp
     for attempt in range(max_tries):
-        try:
-            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
-            Hinv = torch.cholesky_inverse(L)
-            U = torch.linalg.cholesky(Hinv, upper=True)
-            if attempt:
-                log.warning("%s: Cholesky needed damping %.3g (asked %.3g)", name or "layer", damp, percdamp)
-            return InverseHessian(U.to(torch.float32), perm, dead, damp)
-        except torch.linalg.LinAlgError:
-            damp = damp * 10 if damp > 0 else 1e-4
+        for dtype in (torch.float32, torch.float64) if attempt == 0 else (torch.float64,):
+            if H.dtype != dtype:
+                H = H.to(dtype)
+                d0 = d0.to(dtype)
+            H.diagonal().copy_(d0 + damp * mean_diag)
+            U = _upper_inverse_factor(H)
+            if U is not None:
+                if attempt:
+                    log.warning("%s: Cholesky needed damping %.3g (asked %.3g)", name or "layer", damp, percdamp)
+                elif dtype != torch.float32:
+                    log.info("%s: Cholesky needed fp64", name or "layer")
+                return InverseHessian(U.to(torch.float32), perm, dead, damp)
+        damp = damp * 10 if damp > 0 else 1e-4
     raise NumericalError(f"Cholesky of the Hessian of {name or 'a layer'} failed even with damping {damp:g}")
+
+
+def _upper_inverse_factor(H: torch.Tensor) -> torch.Tensor | None:
+    """Upper Cholesky factor of H^-1 (H damped, symmetric positive definite), or None when a
+    factorisation fails or leaves non-finite values."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item() != 0 or not torch.isfinite(L).all():
+        return None
+    Hinv = torch.cholesky_inverse(L)
+    del L
+    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    del Hinv
+    if info.item() != 0 or not torch.isfinite(U).all():
+        return None
+    return U
 
 
 @dataclass
@@ -122,7 +146,7 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
     if quant is not None:
         G = quant.ngroups(k)
         g = quant.group_width(k)
-        col_group = torch.arange(k) // g  # group of every natural column
+        col_group = torch.arange(k) // g  # group of every natural column (host side: read per column)
         if (perm is not None or G == 1) and grid is None:
             scale, zero = fit(W * keep if keep is not None else W, quant)
         elif perm is not None or G == 1:
@@ -131,13 +155,14 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
             scale, zero = torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
         else:
             dynamic = True
-            scale = torch.zeros(out, G)
-            zero = torch.zeros(out, G)
+            scale = W.new_zeros(out, G)
+            zero = W.new_zeros(out, G)
     if perm is not None:
         W = W[:, perm]
         if keep is not None:
             keep = keep[:, perm]
-        col_group = col_group[perm] if col_group is not None else None
+        col_group = col_group[perm.cpu()] if col_group is not None else None
+    col_groups = col_group.tolist() if col_group is not None else None  # no host sync per column
 
     Hinv = inv.Hinv
     W_in = torch.zeros_like(W) if record_inputs else None
@@ -165,7 +190,7 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
                 score = W1[:, j:j + sparsity.m] ** 2 / d1[None, j:j + sparsity.m] ** 2
                 keep1[:, j:j + sparsity.m] = nm_mask(score, sparsity.n, sparsity.m)
             if quant is not None:
-                gi = int(col_group[col])
+                gi = col_groups[col]
                 if dynamic and col % g == 0:
                     blk = W1[:, j:j + g]
                     if keep1 is not None:
