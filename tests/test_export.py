@@ -286,3 +286,140 @@ def test_cli_export_info(sparse_w4, tmp_path):
     assert r.returncode == 0 and "3 tokens" in r.stderr, r.stderr
     r = _cli("export", str(sparse_w4), "--format", "native", "--out", str(tmp_path / "n"))
     assert r.returncode == 2 and "already exists" in r.stderr
+
+
+# -- devices ---------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_kernel_ops_choice_and_cuda_int4_layout():
+    """The CPU keeps its kernels; devices without int4 kernels get none (exact path); the CUDA
+    packing (checked through the ops' meta shapes, no GPU needed) takes (N, K/2) uint8 with the
+    even column in the high nibble and yields tinygemm's (N/8, K/(16 t), 32, t/2) int32 tiles."""
+    from slimkit.pack.runtime import _pack_int4_cuda, cuda_inner_k_tiles, cuda_int4_bytes, kernel_ops
+
+    cpu = kernel_ops("cpu")
+    assert cpu.device_type == "cpu" and not cpu.verify
+    assert cpu.mm is torch.ops.aten._weight_int4pack_mm_for_cpu
+    assert kernel_ops("meta") is None
+    codes = torch.randint(0, 16, (16, 64), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    b = cuda_int4_bytes(codes)
+    assert b.dtype == torch.uint8 and b.shape == (16, 32)
+    assert torch.equal(b >> 4, codes[:, 0::2]) and torch.equal(b & 15, codes[:, 1::2])
+    assert [cuda_inner_k_tiles(k) for k in (32, 64, 96, 128, 4096)] == [2, 4, 2, 8, 8]
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # the ops' shape and dtype checks, on meta tensors
+        packed = _pack_int4_cuda(torch.empty(48, 192, dtype=torch.uint8, device="meta"))
+        assert packed.dtype == torch.int32 and packed.shape == (6, 192 // (16 * 4), 32, 2)
+        y = torch.ops.aten._weight_int4pack_mm(torch.empty(3, 192, dtype=torch.bfloat16, device="meta"), packed,
+                                               64, torch.empty(3, 48, 2, dtype=torch.bfloat16, device="meta"))
+        assert y.shape == (3, 48) and y.dtype == torch.bfloat16
+
+
+def test_load_on_cpu_device_equals_the_default(sparse_w4, tmp_path, ids):
+    out = export(sparse_w4, "native", tmp_path / "n", device="cpu")
+    for kw in ({"mode": "kernel"}, {"mode": "dequant"}, {"head": "int8"}, {"runtime": "dense"}):
+        a, b = load(out, **kw), load(out, device="cpu", **kw)
+        assert torch.equal(_logits(a, ids), _logits(b, ids)), kw
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), kw
+    kern = load(out, mode="kernel", device="cpu")
+    assert {m.kernel_device for m in kern.modules() if isinstance(m, PackedLinear)} == {"cpu"}
+    plain = load(sparse_w4, device="cpu")
+    assert torch.equal(_logits(plain, ids), _logits(load(sparse_w4), ids))
+
+
+def test_cpu_kernel_falls_back_to_exact_on_another_device_type(sparse_w4, tmp_path, ids):
+    """A CPU-packed kernel weight is never fed to another device's kernel: on inputs of another
+    device type the layer takes the exact dequantize path (shown here with a CPU layer whose
+    kernel claims to be CUDA's)."""
+    out = export(sparse_w4, "native", tmp_path / "n")
+    kern, exact = load(out, mode="kernel"), load(out, mode="dequant")
+    for m in kern.modules():
+        if isinstance(m, PackedLinear):
+            m.kernel_device = "cuda"
+    assert (_logits(kern, ids) - _logits(exact, ids)).abs().max() < EXACT_TOL
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch sees no CUDA device")
+def test_cuda_without_cuda_is_one_slimkit_error(sparse_w4, tmp_path):
+    from slimkit.errors import SlimkitError
+    from slimkit.pack.generate import generate
+
+    out = export(sparse_w4, "native", tmp_path / "n")
+    for call in (lambda: load(out, device="cuda"), lambda: load(sparse_w4, device="cuda:1"),
+                 lambda: generate(out, "hi", max_new_tokens=1, device="cuda"),
+                 lambda: export(sparse_w4, "native", tmp_path / "x", device="cuda")):
+        with pytest.raises(SlimkitError) as e:
+            call()
+        assert "CUDA" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SlimkitError, match="unknown device"):
+        load(out, device="tpu")
+    assert load(out, device="auto").device.type == "cpu"
+
+
+def test_generate_on_cpu_device(sparse_w4, tmp_path):
+    from slimkit.pack.generate import generate
+
+    out = export(sparse_w4, "native", tmp_path / "n")
+    a = generate(out, "hello", max_new_tokens=3)
+    b = generate(out, "hello", max_new_tokens=3, device="cpu")
+    assert a["text"] == b["text"] and b["new_tokens"] == 3
+
+
+@needs_cuda
+def test_packed_runtime_on_cuda_matches_dense(sparse_w4, tmp_path, ids):
+    """The CUDA int4 kernel (where the device has one) against the dense runtime's logits; the
+    exact path on CUDA against the same to fp32 tolerance."""
+    from slimkit.pack.generate import generate
+    from slimkit.pack.runtime import kernel_ops
+
+    out = export(sparse_w4, "native", tmp_path / "n", device="cuda")
+    dense = load(out, runtime="dense", device="cuda")
+    assert dense.device.type == "cuda"
+    cuda_ids = ids.to("cuda")
+    want = _logits(dense, cuda_ids).float()
+    exact = load(out, mode="dequant", device="cuda")
+    assert (_logits(exact, cuda_ids) - want).abs().max() < EXACT_TOL
+    kern = load(out, mode="kernel", device="cuda")
+    lins = [m for m in kern.modules() if isinstance(m, PackedLinear)]
+    assert all(b.device.type == "cuda" for b in kern.buffers())
+    if kernel_ops("cuda") is not None:  # compute capability >= 8.0: every layer of this model qualifies
+        assert {(m.kernel, m.kernel_device) for m in lins} == {("int4", "cuda")}
+    got = _logits(kern, cuda_ids).float()
+    rel = float(torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want))
+    assert rel < 1e-2, rel
+    assert (got - want).abs().max() < KERNEL_REL_TOL * want.abs().max()
+    auto = load(out, device="cuda")  # 12 tokens: kernel; 24 tokens: exact path
+    assert (_logits(auto, torch.cat([cuda_ids, cuda_ids], 1)) - _logits(dense, torch.cat([cuda_ids, cuda_ids], 1))
+            ).abs().max() < EXACT_TOL
+    q = load(out, head="int8", device="cuda")  # int8 head on CUDA: the exact dequantize path
+    assert q.get_output_embeddings().kernel is None
+    assert (_logits(q, cuda_ids) - want).abs().max() < KERNEL_REL_TOL * want.abs().max()
+    r = generate(out, "hello", max_new_tokens=3, device="cuda")
+    assert r["new_tokens"] == 3
+
+
+def test_int4_load_check_keeps_a_right_kernel_and_drops_a_swapped_nibble_order(sparse_w4, tmp_path, monkeypatch):
+    """The per-layer check the CUDA path runs at load, exercised with the CPU kernel: the right
+    packing passes; codes packed with each byte's two nibbles swapped (the layout mistake the
+    CUDA path could make) are refused and the layer falls back to the exact path."""
+    from slimkit.pack import runtime
+
+    out = export(sparse_w4, "native", tmp_path / "n")
+    layers, _ = decode_all(*read_native(out), effective=False)
+    rec = layers["model.layers.0.mlp.up_proj"]
+    cpu = runtime.kernel_ops("cpu")
+    swap = lambda c: runtime._pack_int4_cpu(c.view(c.shape[0], -1, 2).flip(-1).reshape(c.shape))  # noqa: E731
+    x = torch.randn(3, rec.shape[1], generator=torch.Generator().manual_seed(0))
+    exact = PackedLinear(rec, mode="dequant")
+    for pack, kernel in ((cpu.pack, "int4"), (swap, None)):
+        monkeypatch.setattr(runtime, "kernel_ops", lambda device, pack=pack: cpu._replace(pack=pack, verify=True))
+        lin = PackedLinear(rec, mode="kernel")
+        assert lin.kernel == kernel
+        if kernel is None:
+            assert torch.equal(lin(x), exact(x))
+        else:
+            assert (lin(x) - exact(x)).abs().max() < KERNEL_REL_TOL * exact(x).abs().max()

@@ -4,7 +4,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from ..api import atomic_dir, check_output_dir
+from ..calib.device import resolve_device
 from ..pack.native import write_native
 from ..pack.source import PackError
 from .compressed_tensors import write_compressed_tensors
@@ -16,9 +19,18 @@ log = logging.getLogger(__name__)
 FORMATS = ("compressed-tensors", "peft", "native")
 
 
-def export(src: str | Path, fmt: str, out: str | Path, *, dense_dtype: str = "auto") -> Path:
+def export(src: str | Path, fmt: str, out: str | Path, *, dense_dtype: str = "auto",
+           device: str | torch.device = "cpu") -> Path:
     """Write ``src`` (a slimkit compress output) as ``fmt`` into the new folder ``out``; nothing is
-    left behind on failure (built beside ``out`` and renamed at the end)."""
+    left behind on failure (built beside ``out`` and renamed at the end).
+
+    ``device`` (``cpu``, ``auto``, ``cuda``, ``cuda:N``) is validated (asking for CUDA where torch
+    sees none is a one-line SlimkitError) but every format is written on the CPU whatever it
+    says: exporting is I/O bound (read the folder, re-encode codes and masks with elementwise
+    integer work, bit-pack, write), and the native format's exactness checks (that a layer's
+    codes and adapters reproduce its stored weight bit for bit) would only risk failing under a
+    device's different summation order, so nothing is worth moving."""
+    resolve_device(device)
     if fmt not in FORMATS:
         raise PackError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
     src = Path(src).expanduser()

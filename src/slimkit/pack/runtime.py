@@ -1,5 +1,5 @@
-"""A Linear that computes from packed codes on the CPU, and loading a packed folder as a model
-without materialising its dense weights.
+"""A Linear that computes from packed codes (on the CPU or a CUDA device), and loading a packed
+folder as a model without materialising its dense weights.
 
 Measured on the 2-core CPU this project runs on (torch 2.13, 1 thread, the 210 Linears of
 SmolLM2-135M in turn, so the weights do not sit in cache): PyTorch's int4 kernel
@@ -19,11 +19,23 @@ fp32 at one token, and ~1.4x slower at 64 tokens than dequantizing + dense (the 
 
 ``mode="dequant"`` forces the exact fp32 path (equal to the fake-quantized model up to matmul
 summation order); ``mode="kernel"`` uses a kernel whenever one applies.
+
+On a CUDA device (``load(..., device="cuda")``) the int4 layers use PyTorch's CUDA int4 kernel
+(tinygemm: ``_convert_weight_to_int4pack`` / ``_weight_int4pack_mm``, NVIDIA compute capability
+>= 8.0 only) with the same scales-and-zeros tensor as the CPU kernel; the weight is packed from
+(N, K/2) bytes with the EVEN column in the high nibble (torch's CUDA convention; the reverse of
+this module's ``qweight``; the CPU kernel takes unpacked int32 codes). Each CUDA-packed layer is checked once at load against its exact dequantized weight
+and falls back to the exact path if they disagree. The int8 kernel is CPU-only: on CUDA 8-bit
+per-channel layers (and ``head="int8"``) take the exact dequantize path. ``kernel_max_tokens`` is
+the CPU crossover, not tuned for CUDA. :func:`kernel_ops` is the one place that picks the device's
+kernels.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +58,84 @@ def _int8_kernel_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
+def _cuda_int4_kernel_available(device: torch.device) -> bool:
+    """torch has the CUDA int4 ops and ``device`` can run them: tinygemm is built for NVIDIA
+    compute capability >= 8.0 only (older devices run an empty kernel rather than raise); ROCm's
+    tile layout differs and is not used here."""
+    if not (hasattr(torch.ops.aten, "_convert_weight_to_int4pack") and hasattr(torch.ops.aten, "_weight_int4pack_mm")):
+        return False
+    if getattr(torch.version, "hip", None) or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _pack_int4_cpu(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in 0..15 -> the CPU kernel's packed weight (it takes int32 codes)."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+
+
+def cuda_int4_bytes(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in 0..15 -> (N, K/2) uint8 with column 2j in the HIGH nibble and 2j+1 in the
+    low one: the input ``_convert_weight_to_int4pack`` takes on CUDA (torch's own tests build it
+    as ``out[:, ::2] << 4 | out[:, 1::2]``). The reverse of this module's ``qweight`` order."""
+    c = codes.to(torch.uint8)
+    return ((c[:, 0::2] << 4) | c[:, 1::2]).contiguous()
+
+
+def cuda_inner_k_tiles(K: int) -> int:
+    """The widest tinygemm inner-k tiling (8, 4 or 2 tiles of 16) that divides K (K % 32 == 0)."""
+    return next(t for t in (8, 4, 2) if K % (16 * t) == 0)
+
+
+def _pack_int4_cuda(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in 0..15 on a CUDA device -> (N/8, K/(16 t), 32, t/2) int32 tinygemm tiles."""
+    return torch.ops.aten._convert_weight_to_int4pack(cuda_int4_bytes(codes), cuda_inner_k_tiles(codes.shape[1]))
+
+
+class KernelOps(NamedTuple):
+    """The kernels of one device type. int4 (None when absent): ``pack`` (N, K) codes (on that
+    device) into its weight format; ``mm(x_bf16 (T, K) contiguous, packed, group,
+    scales_and_zeros (K/group, N, 2) bf16)`` -> (T, N) bf16, with W = (q - 8) s + z; ``verify``:
+    check each packed layer against its exact weight at build time. ``int8``: the int8 kernel
+    (CPU only) may be used."""
+
+    device_type: str
+    pack: Callable[[torch.Tensor], torch.Tensor] | None
+    mm: Callable[..., torch.Tensor] | None
+    verify: bool
+    int8: bool
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_ops(device_type: str, index: int | None) -> KernelOps | None:
+    if device_type == "cpu":
+        int4 = _int4_kernel_available()
+        return KernelOps("cpu", _pack_int4_cpu if int4 else None,
+                         torch.ops.aten._weight_int4pack_mm_for_cpu if int4 else None, False, _int8_kernel_available())
+    if device_type == "cuda" and _cuda_int4_kernel_available(torch.device("cuda", index or 0)):
+        return KernelOps("cuda", _pack_int4_cuda, torch.ops.aten._weight_int4pack_mm, True, False)
+    return None
+
+
+def kernel_ops(device: torch.device | str = "cpu") -> KernelOps | None:
+    """The kernels PackedLinear uses on ``device``, or None (every layer then takes the exact
+    dequantize path): the one place that chooses between the CPU and the CUDA kernels."""
+    device = torch.device(device)
+    return _kernel_ops(device.type, device.index)
+
+
+INT4_CHECK_REL_TOL = 0.05  # bf16 scales and activations: ~1% of the output's norm; a wrong layout: ~100%
+
+
 class PackedLinear(nn.Module):
     """y = x W^T + b + (x L) R, with W held as integer codes plus per-(row, group) scale and zero."""
 
-    def __init__(self, rec: LayerRecord, mode: str = "auto", kernel_max_tokens: int = KERNEL_MAX_TOKENS):
+    def __init__(self, rec: LayerRecord, mode: str = "auto", kernel_max_tokens: int = KERNEL_MAX_TOKENS,
+                 device: torch.device | str = "cpu"):
+        """``device``: where the layer will run; the kernel's packed weight is built for (and on)
+        it, the other buffers stay on the CPU until the module is moved (``load`` moves the whole
+        model). The kernel runs only on inputs on a device of that type: after a ``.to()`` to
+        another device type the layer takes the exact dequantize path."""
         super().__init__()
         if mode not in ("auto", "kernel", "dequant"):
             raise ValueError(f"mode must be auto, kernel or dequant, got {mode!r}")
@@ -59,6 +145,7 @@ class PackedLinear(nn.Module):
         self.group_size = rec.group_size
         t = rec.tensors
         self.kernel = None
+        self.kernel_device = None  # the device type the kernel's packed weight was built for
         self.bits = None
         if "codes" in t:
             colbits = rec.column_bits()
@@ -75,7 +162,7 @@ class PackedLinear(nn.Module):
             self.register_buffer("zero", t["zero"].float().contiguous())  # (N, G)
             self.register_buffer("input_scale", t["input_scale"].float() if "input_scale" in t else None)
             self.register_buffer("weight_fp", None)
-            self._build_kernel(codes)
+            self._build_kernel(codes, torch.device(device))
         else:
             self.register_buffer("qweight", None)
             self.register_buffer("weight_fp", rec.base_weight().float().contiguous())
@@ -84,30 +171,38 @@ class PackedLinear(nn.Module):
         self.register_buffer("R", t["R"].float().contiguous() if rec.has_adapters else None)
 
     # -- kernels -------------------------------------------------------------------------------
-    def _build_kernel(self, codes: torch.Tensor) -> None:
+    def _build_kernel(self, codes: torch.Tensor, device: torch.device) -> None:
         N, K = self.out_features, self.in_features
         G = self.scale.shape[1]
         if self.mode == "dequant":
             return
-        if self.bits == 4 and _int4_kernel_available() and N % 16 == 0:
+        ops = kernel_ops(device)
+        if ops is None:
+            return
+        # N % 16 and groups of 32..256 dividing K (so K % 32 == 0) suit both the CPU kernel and
+        # tinygemm (N % 8, K % (16 * inner k-tiles), groups 32/64/128/256)
+        if self.bits == 4 and ops.mm is not None and N % 16 == 0:
             g = self.group_size or K
             gk = next((c for c in KERNEL_GROUPS if g % c == 0 and K % c == 0), None)
             if gk is not None:
                 try:
-                    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+                    codes = codes.to(device)
+                    packed = ops.pack(codes)
                     per = expand_groups(self.scale, K, self.group_size)[:, ::gk]  # (N, K/gk)
                     zer = expand_groups(self.zero, K, self.group_size)[:, ::gk]
                     sz = torch.stack([per, (8 - zer) * per], -1).transpose(0, 1).contiguous()  # (K/gk, N, 2)
-                    sz = sz.to(torch.bfloat16)
-                    torch.ops.aten._weight_int4pack_mm_for_cpu(torch.zeros(1, K, dtype=torch.bfloat16), packed, gk, sz)
+                    sz = sz.to(torch.bfloat16).to(device)
+                    ops.mm(torch.zeros(1, K, dtype=torch.bfloat16, device=device), packed, gk, sz)
+                    if ops.verify:
+                        self._check_int4(ops, codes, packed, gk, sz)
                 except RuntimeError as e:
                     log.debug("int4 kernel unavailable for a (%d, %d) layer: %s", N, K, first_line(e))
                 else:
                     self.register_buffer("k_weight", packed)
                     self.register_buffer("k_scales", sz)
-                    self.kernel, self.k_group = "int4", gk
+                    self.kernel, self.k_group, self.kernel_device = "int4", gk, device.type
                     return
-        if self.bits == 8 and G == 1 and _int8_kernel_available():
+        if self.bits == 8 and G == 1 and ops.int8:
             w8 = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()  # signed codes
             s = self.scale[:, 0]
             corr = s * (128 - self.zero[:, 0])  # y += sum(x) * s (128 - z)
@@ -119,7 +214,23 @@ class PackedLinear(nn.Module):
             self.register_buffer("k_weight", w8)
             self.register_buffer("k_scales", s.to(torch.bfloat16))
             self.register_buffer("k_corr", corr if bool((corr != 0).any()) else None)
-            self.kernel = "int8"
+            self.kernel, self.kernel_device = "int8", device.type
+
+    def _check_int4(self, ops: KernelOps, codes: torch.Tensor, packed, gk: int, sz) -> None:
+        """Raise RuntimeError unless ``ops.mm`` on ``packed`` reproduces x W^T for the layer's exact
+        base weight W = (q - zero) * scale (bf16 tolerance), computed on the codes' device."""
+        K = self.in_features
+        dev = codes.device
+        W = (codes.float() - expand_groups(self.zero.to(dev), K, self.group_size)) * \
+            expand_groups(self.scale.to(dev), K, self.group_size)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(4, K, generator=gen, device=dev).to(torch.bfloat16)
+        want = x.float() @ W.T
+        err = float(torch.linalg.vector_norm(ops.mm(x, packed, gk, sz).float() - want))
+        ref = float(torch.linalg.vector_norm(want))
+        if not err <= INT4_CHECK_REL_TOL * ref + 1e-6:
+            raise RuntimeError(f"the {ops.device_type} int4 kernel disagrees with the exact weight "
+                               f"(relative error {err / max(ref, 1e-30):.3g})")
 
     def dequantize(self) -> torch.Tensor:
         """The base weight (out, in) in fp32, computed as the fake-quantized model holds it."""
@@ -141,12 +252,13 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (T, K)
-        use_kernel = self.kernel is not None and (self.mode == "kernel" or x2.shape[0] <= self.kernel_max_tokens)
+        use_kernel = self.kernel is not None and x2.device.type == self.kernel_device and \
+            (self.mode == "kernel" or x2.shape[0] <= self.kernel_max_tokens)
         if use_kernel:
             xk = x2 if self.input_scale is None else x2 * self.input_scale
             xb = xk.to(torch.bfloat16)
             if self.kernel == "int4":
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.k_weight, self.k_group, self.k_scales).float()
+                y = kernel_ops(x2.device).mm(xb.contiguous(), self.k_weight, self.k_group, self.k_scales).float()
             else:
                 y = torch.ops.aten._weight_int8pack_mm(xb, self.k_weight, self.k_scales).float()
                 if self.k_corr is not None:
@@ -184,7 +296,7 @@ def _empty_model(directory: Path):
     return model
 
 
-def int8_head(weight: torch.Tensor, mode: str = "auto") -> PackedLinear:
+def int8_head(weight: torch.Tensor, mode: str = "auto", device: torch.device | str = "cpu") -> PackedLinear:
     """The output head quantized per row, symmetric 8-bit (codes - 128) * absmax / 127, as a
     PackedLinear (the int8 kernel at decode, exact dequantization for longer inputs). Lossy:
     callers that use it must report its cost (benchmarks/export.py measures the KL it adds)."""
@@ -193,11 +305,11 @@ def int8_head(weight: torch.Tensor, mode: str = "auto") -> PackedLinear:
     codes = (torch.round(W / scale) + 128).clamp(1, 255).to(torch.uint8)
     rec = LayerRecord("lm_head", {"quant": {"bits": 8, "group_size": None}},
                       {"codes": codes, "scale": scale, "zero": torch.full_like(scale, 128.0)}, W)
-    return PackedLinear(rec, mode=mode)
+    return PackedLinear(rec, mode=mode, device=device)
 
 
 def load(directory: str | Path, runtime: str = "packed", mode: str = "auto", verify: bool = True,
-         head: str = "exact"):
+         head: str = "exact", device: str | torch.device = "cpu"):
     """Load a slimkit folder as a causal LM in eval mode.
 
     A packed folder (``slimkit export --format native``): ``runtime="packed"`` puts a
@@ -206,15 +318,22 @@ def load(directory: str | Path, runtime: str = "packed", mode: str = "auto", ver
     the export came from. A fake-quantized slimkit folder or any HF folder loads as it is.
     ``head="int8"`` (packed runtime) also quantizes the output head per row to 8 bits at load
     time: the largest single matmul of a small model's decode step, NOT part of the compressed
-    model and not exact (its cost in KL is measured by benchmarks/export.py)."""
+    model and not exact (its cost in KL is measured by benchmarks/export.py).
+
+    ``device`` (``cpu``, ``auto``, ``cuda``, ``cuda:N``; see calib.device.resolve_device): where
+    the returned model lives, in fp32. The folder is read and decoded on the CPU; on a CUDA
+    device the packed runtime's int4 layers are packed for the CUDA kernel (see the module
+    docstring). Asking for CUDA where torch sees none raises a one-line SlimkitError."""
     if head not in ("exact", "int8"):
         raise ValueError(f"head must be exact or int8, got {head!r}")
+    from ..calib.device import resolve_device
     from .native import decode_all, is_native, read_native
 
+    dev = resolve_device(device)
     d = Path(directory).expanduser()
     if not is_native(d):
         from ..models import load_model
-        return load_model(str(d), with_tokenizer=False)[0]
+        return load_model(str(d), dtype=torch.float32, with_tokenizer=False)[0].to(dev)
     if runtime not in ("packed", "dense"):
         raise ValueError(f"runtime must be packed or dense, got {runtime!r}")
     manifest, stored = read_native(d, verify=verify)
@@ -231,7 +350,7 @@ def load(directory: str | Path, runtime: str = "packed", mode: str = "auto", ver
             raise PackError(f"{name}: stored shape {rec.shape} != the model's {tuple(old.weight.shape)}")
         if runtime == "packed":
             dense.pop(name + ".bias", None)
-            _set_module(model, name, PackedLinear(rec, mode=mode))
+            _set_module(model, name, PackedLinear(rec, mode=mode, device=dev))
         else:
             dense[name + ".weight"] = rec.effective
     try:
@@ -248,10 +367,11 @@ def load(directory: str | Path, runtime: str = "packed", mode: str = "auto", ver
         if out_emb is None or not isinstance(out_emb, nn.Linear) or out_emb.bias is not None:
             raise PackError(f"{str(d)!r}: the model has no bias-free Linear output head to quantize")
         model.config.tie_word_embeddings = False  # the head is no longer the embedding matrix
-        model.set_output_embeddings(int8_head(out_emb.weight, mode))
+        model.set_output_embeddings(int8_head(out_emb.weight, mode, dev))
     model.config.use_cache = True  # the fake-quant folder was saved with use_cache off (calibration)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.use_cache = True
+    model.to(dev)
     model.eval()
     model.requires_grad_(False)
     return model
