@@ -205,7 +205,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
             m = None
         else:
             m.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+            if tok is not None:  # calibration given as token ids: no tokenizer was loaded
+                tok.save_pretrained(tmp)
         records.state.save(tmp, {"format": "slimkit-fakequant", "version": 1, "slimkit_version": __version__,
                                  "recipe": rec.to_dict(), "source_model": model, "model_type": layout.model_type})
         report["save_seconds"] = time.perf_counter() - t

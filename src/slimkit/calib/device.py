@@ -234,3 +234,39 @@ class placed:
             undo()
         self._undo.clear()
         return False
+
+
+def release_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim). Blocks onloaded and offloaded
+    one after another allocate and free tens of MiB each; glibc keeps such freed chunks in its
+    heap, so without this the process's footprint creeps up with depth."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def bound_host_heap(mmap_threshold: int = 1 << 20) -> None:
+    """Serve every host allocation of ``mmap_threshold`` bytes or more with its own mapping, which
+    goes back to the OS when freed. glibc's default threshold adapts upwards (to 32 MiB) once
+    large chunks are freed, after which tensors of a few MiB come from the heap and the block-by-
+    block churn fragments it: peak RSS then grows with the number of blocks."""
+    libc = _glibc()
+    if libc is not None:
+        M_MMAP_THRESHOLD = -3
+        libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+
+
+def _glibc():
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL("libc.so.6")
+            _libc = lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
+        except OSError:  # not glibc: nothing to do
+            _libc = False
+    return _libc or None
+
+
+_libc = None

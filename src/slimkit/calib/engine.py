@@ -26,7 +26,7 @@ from ..methods.base import HESSIAN, INPUT_SAMPLE, SAMPLE_ROWS, BlockContext, Lin
 from ..models.layout import ModelLayout, ResidentBlocks
 from ..recipe import Recipe
 from .checkpoint import Checkpoint
-from .device import Placement, free_device_memory, to_device
+from .device import Placement, bound_host_heap, free_device_memory, release_host_memory, to_device
 from .hooks import ErrorProbe, StatsCollector, capture_block_inputs, run_block
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         calib_ids = calib_ids[:probe_sequences]
     source = source if source is not None else ResidentBlocks(model, layout)
     placement = placement or Placement.make("cpu", torch.float32)
+    bound_host_heap()  # peak memory must not creep up with the number of blocks
     dev, cdt = placement.device, placement.compute
     check_recipe_fits(source, recipe)
     refiners = [st for st in recipe.stages if type(st).refine_block is not Stage.refine_block]
@@ -311,6 +312,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
                 os.kill(os.getpid(), signal.SIGKILL)
         inputs, next_in = next_in, inputs
         del block, linears
+        release_host_memory()  # the block's working set is freed: give it back before the next one
     timings["total"] = prior_total + time.perf_counter() - t_start
     timings["stages"] = sum(v for k, v in timings.items() if k.startswith(("stage:", "refine:")))
     return CompressionResult(layers, block_reports, dict(timings), n_sequences, int(calib_ids.shape[1]))
