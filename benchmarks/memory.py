@@ -29,9 +29,10 @@ LARGE = dict(hidden=4096, inter=11008, heads=32, kv=32)  # LLaMA-7B's block: 202
 SIZES = REPORTS / "memory-sizes.json"  # fp32 GiB of each synthetic model (tracked, like the reports)
 
 
-def make_model(path, blocks: int, hidden: int, inter: int, heads: int, kv: int, needed: bool = True) -> float:
-    """Write a random LLaMA of this shape to ``path`` (unless it is there, or not ``needed``
-    because its runs are finished); returns its fp32 size in GiB."""
+def make_model(path, blocks: int, hidden: int, inter: int, heads: int, kv: int, needed: bool = True,
+               dtype: str = "float32") -> float:
+    """Write a random LLaMA of this shape to ``path`` in ``dtype`` (unless it is there, or not
+    ``needed`` because its runs are finished); returns its size in GiB in that dtype."""
     from transformers import AutoTokenizer, LlamaConfig
 
     from slimkit.models.loading import resolve
@@ -44,7 +45,8 @@ def make_model(path, blocks: int, hidden: int, inter: int, heads: int, kv: int, 
     vocab = len(tok)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=blocks,
                       num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=False,
-                      max_position_embeddings=2048)
+                      max_position_embeddings=2048, dtype=dtype)
+    dt = getattr(torch, dtype)
     head = hidden // heads
     shapes = {"self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (kv * head, hidden),
               "self_attn.v_proj.weight": (kv * head, hidden), "self_attn.o_proj.weight": (hidden, hidden),
@@ -62,9 +64,10 @@ def make_model(path, blocks: int, hidden: int, inter: int, heads: int, kv: int, 
         else:
             t = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g) * 0.02,
                  "lm_head.weight": torch.randn(vocab, hidden, generator=g) * 0.02, "model.norm.weight": torch.ones(hidden)}
+        t = {k: v.to(dt) for k, v in t.items()}
         save_file(t, str(path / name), metadata={"format": "pt"})
         weight_map |= {k: name for k in t}
-        total += sum(v.numel() * 4 for v in t.values())
+        total += sum(v.numel() * v.element_size() for v in t.values())
         del t
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                    "weight_map": weight_map}))
