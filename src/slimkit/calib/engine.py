@@ -23,11 +23,13 @@ from tqdm.auto import tqdm
 from .. import dist
 from ..errors import NumericalError, SlimkitError
 from ..methods.base import HESSIAN, INPUT_SAMPLE, SAMPLE_ROWS, BlockContext, LinearState, Stage
+from ..methods.rtn import RTN
+from ..models.experts import UnfusedExperts, is_fused_experts
 from ..models.layout import ModelLayout, ResidentBlocks
 from ..recipe import Recipe
 from .checkpoint import Checkpoint
 from .device import Placement, bound_host_heap, free_device_memory, release_host_memory, to_device
-from .hooks import ErrorProbe, StatsCollector, capture_block_inputs, run_block
+from .hooks import ErrorProbe, StatsCollector, capture_inputs, run_block
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +119,45 @@ def target_linears(source, recipe: Recipe, index: int, block: nn.Module) -> dict
     return {n: m for n, m in source.linears(index, block).items() if not recipe.ignores(n)}
 
 
+MIN_EXPERT_TOKENS = 32  # an expert routed fewer calibration tokens is compressed data-free
+
+
 def check_recipe_fits(source, recipe: Recipe) -> int:
     """Fail before any work if a stage cannot handle some layer of the block ``source``
-    (ResidentBlocks or StreamedModel). Returns the number of targets."""
+    (ResidentBlocks or StreamedModel), fused experts included (one Linear triple per expert).
+    Returns the number of targets."""
     count = 0
     for i in range(len(source)):
-        for name, lin in target_linears(source, recipe, i, source.peek(i)).items():
+        block = source.peek(i)
+        shapes = {name: (lin.out_features, lin.in_features)
+                  for name, lin in target_linears(source, recipe, i, block).items()}
+        for mname, mod in block.named_modules():
+            if mname and is_fused_experts(mod):
+                E, two_i, H = mod.gate_up_proj.shape
+                base = f"{source.block_prefix(i)}{mname}"
+                for e in range(E):
+                    for proj, shape in (("gate_proj", (two_i // 2, H)), ("up_proj", (two_i // 2, H)),
+                                        ("down_proj", (H, two_i // 2))):
+                        if not recipe.ignores(f"{base}.{e}.{proj}"):
+                            shapes[f"{base}.{e}.{proj}"] = shape
+        for name, (out_f, in_f) in shapes.items():
             for stage in recipe.stages:
-                stage.check_layer(name, lin.out_features, lin.in_features)
+                stage.check_layer(name, out_f, in_f)
             count += 1
     return count
+
+
+def data_free_stages(recipe: Recipe) -> list[Stage]:
+    """What an expert that saw too few calibration tokens gets: round-to-nearest on the grid of
+    each quantizing stage of the recipe (sparsifiers and adapter stages are skipped)."""
+    out = []
+    for st in recipe.stages:
+        bits = getattr(st, "bits", None)
+        if st.quantizes and isinstance(bits, int) and 2 <= bits <= 8:
+            g = getattr(st, "group_size", 128)
+            out.append(RTN(bits=bits, group_size=g if isinstance(g, int) or g is None else 128,
+                           symmetric=bool(getattr(st, "symmetric", False))))
+    return out
 
 
 def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_ids: torch.Tensor, *,
@@ -178,7 +209,9 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
     probe_batches = max(1, -(-min(probe_sequences, calib_ids.shape[0]) // batch_size))
 
     t = time.perf_counter()
-    inputs, kwargs_list = capture_block_inputs(model, source.get(0), calib_ids, batch_size)
+    # block 0's inputs, and the keyword arguments the model gives each block (its own mask)
+    inputs, kwargs_by_block = capture_inputs(model, [source.peek(j) for j in range(len(source))],
+                                             calib_ids, batch_size)
     timings["capture"] += time.perf_counter() - t
     if dist.any_true(not torch.isfinite(inputs).all()):  # every worker raises, none waits in a collective
         raise NumericalError("the embeddings of the calibration data contain NaN/Inf")
@@ -215,11 +248,14 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         t = time.perf_counter()
         block = source.get(i)
         timings["load_block"] += time.perf_counter() - t
-        linears = target_linears(source, recipe, i, block)
-        stored = {n: lin.weight.dtype for n, lin in linears.items()}
+        kwargs_list = kwargs_by_block[i]
         t = time.perf_counter()
         home = placement.onload(block)
         timings["onload"] += time.perf_counter() - t
+        experts = UnfusedExperts(block)  # fused expert tensors -> one Linear triple per expert
+        linears = target_linears(source, recipe, i, block)
+        prefix = source.block_prefix(i)
+        stored = {n: home.get(n[len(prefix):] + ".weight", (None, placement.storage))[1] for n in linears}
         for name, p in block.named_parameters():  # before any forward spreads it: name the tensor
             if not torch.isfinite(p).all():
                 raise NumericalError(f"block {i}: {layout.blocks_path}.{i}.{name} of the input model contains NaN/Inf")
@@ -227,7 +263,8 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         # 1. one forward with the original weights: statistics + dense outputs
         t = time.perf_counter()
         collector = StatsCollector(linears, want_hessian=HESSIAN in needs,
-                                   sample_rows=SAMPLE_ROWS if INPUT_SAMPLE in needs else 0)
+                                   sample_rows=SAMPLE_ROWS if INPUT_SAMPLE in needs else 0,
+                                   optional=experts.linears, min_tokens=MIN_EXPERT_TOKENS)
         if data_free:
             run_block(block, inputs, kwargs_list, batch_size, out=dense_out, device=dev, dtype=cdt)
             stats = {}
@@ -243,8 +280,16 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         states: dict[str, LinearState] = {}
         for name, lin in linears.items():
             state = LinearState.from_weight(name, lin.weight)
-            for stage in recipe.stages:
-                state = stage.run(state, stats.get(name))
+            starved = collector.starved.get(name)
+            if starved is not None:  # an expert that (almost) no calibration token was routed to
+                for stage in data_free_stages(recipe):
+                    state = stage.run(state, None)
+                state.notes["data_free"] = (f"expert routed {starved} calibration tokens (< {MIN_EXPERT_TOKENS}): "
+                                            f"{', '.join(s.describe() for s in data_free_stages(recipe)) or 'left dense'}")
+                log.info("%s: %s", name, state.notes["data_free"])
+            else:
+                for stage in recipe.stages:
+                    state = stage.run(state, stats.get(name))
             for sname, sec in state.notes.get("seconds", {}).items():
                 timings[f"stage:{sname}"] += sec
             if not torch.isfinite(state.weight).all():
@@ -290,6 +335,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         sq = dist.all_reduce_sum(torch.stack([(next_in - dense_out).double().square().sum(),
                                               dense_out.double().square().sum()]))
         err = (sq[0] / sq[1].clamp_min(1e-60)).sqrt().item()
+        experts.refuse()  # the compressed expert weights go back into the fused tensors
         t = time.perf_counter()
         placement.offload(block, home)
         timings["offload"] += time.perf_counter() - t

@@ -28,26 +28,76 @@ def hooks(handles):
 def capture_block_inputs(model: nn.Module, block: nn.Module, ids: torch.Tensor, batch_size: int):
     """Run the model on ``ids`` (N, S) only up to ``block``; return its hidden-state inputs
     (N, S, H) and the keyword arguments the model passed it, one dict per batch."""
-    hidden: list[torch.Tensor] = []
-    kwargs_list: list[dict] = []
+    inputs, per_block = capture_inputs(model, [block], ids, batch_size)
+    return inputs, per_block[0]
 
-    def pre_hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        h = args[0] if args else kwargs.pop("hidden_states")
-        hidden.append(h.detach())
-        kwargs.pop("past_key_values", None)
-        kwargs.pop("past_key_value", None)
-        kwargs["use_cache"] = False
-        kwargs_list.append(kwargs)
-        raise _StopForward
 
-    with hooks([block.register_forward_pre_hook(pre_hook, with_kwargs=True)]), torch.no_grad():
-        for s in range(0, ids.shape[0], batch_size):
-            try:
-                model(input_ids=ids[s:s + batch_size], use_cache=False)
-            except _StopForward:
-                pass
-    return torch.cat(hidden), kwargs_list
+def _block_kwargs(args, kwargs):
+    kwargs = dict(kwargs)
+    h = args[0] if args else kwargs.pop("hidden_states")
+    for k in ("past_key_values", "past_key_value", "layer_past"):
+        kwargs.pop(k, None)
+    kwargs["use_cache"] = False
+    return h, kwargs
+
+
+def capture_inputs(model: nn.Module, blocks: list[nn.Module], ids: torch.Tensor, batch_size: int):
+    """The hidden-state inputs (N, S, H) of ``blocks[0]`` and, for EVERY block i, the keyword
+    arguments the model itself passes block i (its own attention mask: sliding-window layers get
+    theirs; its own position embeddings), one dict per batch: ``kwargs[i][b]``.
+
+    Each block runs as a pass-through recorder while the model runs (it returns its input
+    unchanged, so no block computes anything), and the forward stops after the last block. The
+    recorder returns what the model expects of a block: a tensor, or, for models that read
+    ``outputs[0]``, a 1-tuple; a block that receives a hidden state of another shape than block 0
+    reveals the wrong guess, and the capture is redone with the other one."""
+    for tuple_out in (False, True):
+        hidden: list[torch.Tensor] = []
+        kwargs: list[list[dict]] = [[] for _ in blocks]
+        wrong = False
+
+        def recorder(i):
+            def forward(*args, **kw):
+                nonlocal wrong
+                h, kw = _block_kwargs(args, kw)
+                if i == 0:
+                    hidden.append(h.detach())
+                elif h.shape != hidden[-1].shape:
+                    wrong = True
+                    raise _StopForward
+                kwargs[i].append(kw)
+                if i == len(blocks) - 1:
+                    raise _StopForward
+                return (h,) if tuple_out else h
+            return forward
+
+        saved = [b.__dict__.get("forward") for b in blocks]
+        hooks_saved = [(b._forward_hooks, b._forward_pre_hooks) for b in blocks]  # no block computes:
+        try:                                                                      # no hook sees a call
+            for i, b in enumerate(blocks):
+                b.forward = recorder(i)
+                b._forward_hooks, b._forward_pre_hooks = type(b._forward_hooks)(), type(b._forward_pre_hooks)()
+            with torch.no_grad():
+                for s in range(0, ids.shape[0], batch_size):
+                    try:
+                        model(input_ids=ids[s:s + batch_size], use_cache=False)
+                    except _StopForward:
+                        pass
+                    if wrong:
+                        break
+        finally:
+            for b, f, (fh, fph) in zip(blocks, saved, hooks_saved):
+                b._forward_hooks, b._forward_pre_hooks = fh, fph
+                if f is None:
+                    del b.forward
+                else:
+                    b.forward = f
+        if not wrong:
+            missing = [i for i, k in enumerate(kwargs) if len(k) != len(hidden)]
+            if missing:
+                raise RuntimeError(f"the model did not call decoder block {missing[0]} on every batch")
+            return torch.cat(hidden), kwargs
+    raise RuntimeError("the decoder blocks receive hidden states of different shapes")
 
 
 def run_block(block: nn.Module, inputs: torch.Tensor, kwargs_list: list[dict], batch_size: int,
@@ -81,8 +131,12 @@ class StatsCollector:
     never be mistaken for a shared input.
     """
 
-    def __init__(self, linears: dict[str, nn.Linear], want_hessian: bool, sample_rows: int = 0):
+    def __init__(self, linears: dict[str, nn.Linear], want_hessian: bool, sample_rows: int = 0,
+                 optional: set[int] = frozenset(), min_tokens: int = 0):
         self.linears = linears
+        self.optional = optional  # ids of Linears that may see few or no tokens (experts)
+        self.min_tokens = min_tokens
+        self.starved: dict[str, int] = {}  # optional Linears below min_tokens -> tokens seen
         self.want_hessian = want_hessian
         self.sample_rows = sample_rows
         self.stats: dict[str, LinearStats] = {}
@@ -112,11 +166,21 @@ class StatsCollector:
         return hooks([m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()])
 
     def finalize(self) -> dict[str, LinearStats]:
-        missing = [n for n in self.linears if n not in self.stats]
+        """The statistics of every Linear; an optional Linear (an expert) that saw fewer than
+        ``min_tokens`` tokens is left out and listed in ``starved`` instead."""
+        missing = [n for n in self.linears if n not in self.stats and id(self.linears[n]) not in self.optional]
         if missing:
             raise RuntimeError(f"no calibration input reached {missing[0]}")
+        if self.optional and dist.active():
+            raise RuntimeError("mixture-of-experts models cannot be split across workers yet")
+        for n in self.linears:
+            if id(self.linears[n]) in self.optional:
+                seen = self.stats[n].ntokens if n in self.stats else 0
+                if seen < self.min_tokens:
+                    self.starved[n] = seen
+                    self.stats.pop(n, None)
         for n in self.linears:  # the same order on every worker: the collectives pair up
-            if self.leader[n]:
+            if n in self.stats and self.leader[n]:
                 self.stats[n].all_reduce()
         for n, s in self.stats.items():
             s.finalize(n)

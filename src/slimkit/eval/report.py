@@ -52,6 +52,13 @@ def markdown(report: dict) -> str:
     if report.get("finetune"):
         loss = report["finetune"]["loss"]
         lines += ["", "## Adapter fine-tuning loss (every step)", "", "    " + " ".join(f"{x:.3f}" for x in loss)]
+    data_free = [l for l in comp["layers"] if (l.get("notes") or {}).get("data_free")]
+    if data_free:
+        lines += ["", "## Experts compressed without calibration data", "",
+                  "Mixture-of-experts experts that the router sent too few calibration tokens to get "
+                  "round-to-nearest on the recipe's grid instead of the recipe's own method.", "",
+                  "| expert Linear | why |", "|---|---|"]
+        lines += [f"| {l['name']} | {l['notes']['data_free']} |" for l in data_free]
     lines += ["", "## Blocks: output error against the dense block on the same inputs", "",
               "| block | rel. output error | seconds |", "|---|---|---|"]
     lines += [f"| {b['index']} | {b['rel_error']:.5f} | {b['seconds']:.1f} |" for b in comp["blocks"]]

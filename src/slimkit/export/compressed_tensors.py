@@ -67,7 +67,11 @@ def write_compressed_tensors(src: str | Path, out: Path) -> dict:
     groups: dict[tuple, list[str]] = {}
     dense_linears = []
     dtype = next((v.dtype for v in tensors.values() if v.is_floating_point()), torch.float32)
+    modules = linear_modules(folder.dir)
     for rec in folder.records():
+        if rec.name not in modules:
+            raise PackError(f"{rec.name} is not a Linear module of the model (e.g. an expert of fused mixture-of-"
+                            "experts tensors), which compressed-tensors cannot hold; use --format native")
         scheme = scheme_of(rec)
         if scheme is None:
             tensors[rec.name + ".weight"] = rec.effective
@@ -92,11 +96,9 @@ def write_compressed_tensors(src: str | Path, out: Path) -> dict:
             "weights": {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": strategy,
                         "group_size": g, "dynamic": False, "actorder": None},
         }
-    linear_names = {n.removesuffix(".weight") for n in folder.model_tensors if n.endswith(".weight")}
     compressed = {n for names in groups.values() for n in names}
-    ignore = sorted(n for n in linear_names if n not in compressed and _is_linear(folder, n))
-    if "lm_head" not in ignore:
-        ignore.append("lm_head")
+    # every Linear the model has that was not quantized (the head, ignored or pruned-only layers)
+    ignore = sorted(modules - compressed)
     qconfig = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
                "config_groups": config_groups, "ignore": ignore, "kv_cache_scheme": None,
                "sparsity_config": {}, "transform_config": {}, "version": CT_VERSION}
@@ -112,7 +114,13 @@ def write_compressed_tensors(src: str | Path, out: Path) -> dict:
     return qconfig
 
 
-def _is_linear(folder: SlimkitFolder, name: str) -> bool:
-    """A 2-D weight inside a decoder block that is not an embedding: a Linear left dense."""
-    w = folder.model_tensors.get(name + ".weight")
-    return w is not None and w.dim() == 2 and ".layers." in name and "embed" not in name
+def linear_modules(folder: str | Path) -> set[str]:
+    """Names of the model's nn.Linear modules, from its config (built on the meta device: no
+    memory, no weights): what compressed-tensors' ``targets: [Linear]`` will match."""
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(folder))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}

@@ -1,10 +1,12 @@
 """Models larger than RAM: decoder blocks read from safetensors one at a time and written out
 one at a time (``slimkit compress --low-memory``).
 
-The model is built with ONE decoder block (the shell: embeddings, final norm, head and block 0,
-loaded from the checkpoint); every other block is a copy of block 0's structure filled from the
-memory-mapped safetensors files when the engine reaches it, and dropped once its compressed
-weights are in the output shard. Peak memory is then the shell, one block, its statistics and
+The model is built with ONE real decoder block (the shell: embeddings, final norm, head and
+block 0, loaded from the checkpoint); every other block is held as an empty structure on the
+meta device, built from the config for its own index (its own layer type: sliding or global
+attention, dense or mixture-of-experts), materialized and filled from the memory-mapped
+safetensors files when the engine reaches it, and dropped once its compressed weights are in the
+output shard. Peak memory is then the shell, one block, its statistics and
 the calibration activations, whatever the number of blocks.
 """
 from __future__ import annotations
@@ -55,7 +57,9 @@ class TensorStore:
     def get(self, key: str) -> torch.Tensor:
         f = self.where.get(key)
         if f is None:
-            raise ModelError(f"the weights of {str(self.folder)!r} have no tensor {key!r}")
+            raise ModelError(f"the weights of {str(self.folder)!r} have no tensor {key!r} (--low-memory reads tensors "
+                             "under the model's own parameter names; a checkpoint that transformers renames or fuses "
+                             "at load, e.g. per-expert keys of a mixture-of-experts model, compresses in memory)")
         try:  # opened per read: a mapping kept open would keep the file's pages in this process
             with safe_open(str(f), "pt") as h:
                 return h.get_tensor(key)
@@ -107,6 +111,21 @@ class StreamedModel:
             self.model.tie_weights()
         self.template = self.layout.blocks(self.model)[0]
         self.fill(0, self.template)
+        # every block's own structure, at no memory cost; the shell runs all of them (as the
+        # engine's recorders) with the full config, so each block gets its own arguments
+        with torch.device("meta"):
+            full = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        self.structures = layout_for(full).blocks(full)
+        parent, _, attr = self.layout.blocks_path.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, attr,
+                nn.ModuleList([self.template, *list(self.structures)[1:]]))
+        for i, blk in enumerate(self.structures):  # every block's tensors are there, before any work
+            for name, _ in blk.named_parameters():
+                if f"{self.prefix}{i}.{name}" not in self.store.where:
+                    self.store.get(f"{self.prefix}{i}.{name}")  # raises, naming it
+        self.model.config.num_hidden_layers = self.n_blocks
+        if isinstance(getattr(self.config, "layer_types", None), list):
+            self.model.config.layer_types = list(self.config.layer_types)
         self.tokenizer = None
         if with_tokenizer:
             try:
@@ -132,12 +151,24 @@ class StreamedModel:
 
     def peek(self, index: int) -> nn.Module:
         """A module with block ``index``'s structure (for names and shapes only)."""
-        return self.template
+        return self.template if index == 0 else self.structures[index]
 
     def get(self, index: int) -> nn.Module:
         if index == 0:
             return self.template
-        return self.fill(index, copy.deepcopy(self.template))
+        block = copy.deepcopy(self.structures[index]).to_empty(device="cpu")
+        # buffers the checkpoint does not hold (computed at construction) come from block 0
+        ref = dict(self.template.named_buffers())
+        for name, b in block.named_buffers():
+            if f"{self.prefix}{index}.{name}" not in self.store.where:
+                if name not in ref or ref[name].shape != b.shape:
+                    raise ModelError(f"--low-memory cannot build block {index}: its buffer {name!r} is "
+                                     "neither in the checkpoint nor in block 0")
+                b.data = ref[name].clone()
+        return self.fill(index, block)
+
+    def block_prefix(self, index: int) -> str:
+        return f"{self.prefix}{index}."
 
     def linears(self, index: int, block: nn.Module) -> dict[str, nn.Linear]:
         return {f"{self.prefix}{index}.{n}": m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
