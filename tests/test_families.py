@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import FAMILIES, MOE_FAMILIES, TEXT, family_config, make_tokenizer
+from helpers import FAMILIES, MOE_FAMILIES, family_config, make_tokenizer
 from slimkit.api import compress
 from slimkit.calib import compress_model
 from slimkit.calib.hooks import capture_inputs, run_block

@@ -147,6 +147,11 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
         source = ResidentBlocks(m, layout)
     n_targets = check_recipe_fits(source, rec)
     if n_targets == 0:
+        if not any(source.linears(i, source.peek(i)) for i in range(len(source))):
+            kinds = sorted({type(mod).__name__ for mod in source.peek(0).modules()
+                            if isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() == 2})
+            raise SlimkitError(f"unsupported architecture {layout.model_type!r}: its decoder blocks hold no nn.Linear "
+                               f"layers (2-D weights in: {', '.join(kinds) or 'none'})")
         raise SlimkitError(f"recipe {rec.name!r} ignores every Linear of the model")
     if given_ids is not None:
         vocab = m.get_input_embeddings().weight.shape[0]
