@@ -193,3 +193,20 @@ def test_low_memory_builds_each_block_from_its_own_layer_type(tmp_path, text_fil
         b |= load_file(str(f))
     assert sorted(a) == sorted(b) and any(".experts." in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_moe_across_workers_is_refused_before_the_work(tmp_path, text_file, monkeypatch):
+    """Experts' statistics cannot be all-reduced yet: several workers are refused up front, with
+    the model untouched."""
+    from slimkit import dist
+    from slimkit.errors import SlimkitError
+
+    path = build("mixtral", tmp_path / "moe")
+    model, tok, _ = load_model(str(path))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(dist, "active", lambda: True)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    ids = calibration_ids(str(text_file), tok, 8, 32, seed=0)
+    with pytest.raises(SlimkitError, match="mixture-of-experts"):
+        compress_model(model, layout_for(model), load_recipe("gptq-w4-g64"), ids, batch_size=4, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -202,6 +202,9 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
                                "cannot run split across workers yet; run it in one process")
         if checkpoint is not None:
             raise SlimkitError("checkpoints (--resume) are not supported with several workers yet")
+        if any(is_fused_experts(m) for j in range(len(source)) for m in source.peek(j).modules()):
+            raise SlimkitError("mixture-of-experts models cannot be split across workers yet (an expert's "
+                               "statistics would be all-reduced only on the workers it was routed to); run one process")
         if n_sequences < dist.world_size():
             raise SlimkitError(f"{n_sequences} calibration sequences cannot be split across "
                                f"{dist.world_size()} workers")

@@ -171,8 +171,6 @@ class StatsCollector:
         missing = [n for n in self.linears if n not in self.stats and id(self.linears[n]) not in self.optional]
         if missing:
             raise RuntimeError(f"no calibration input reached {missing[0]}")
-        if self.optional and dist.active():
-            raise RuntimeError("mixture-of-experts models cannot be split across workers yet")
         for n in self.linears:
             if id(self.linears[n]) in self.optional:
                 seen = self.stats[n].ntokens if n in self.stats else 0
