@@ -171,26 +171,62 @@ def test_saved_model_reproduces_logits(tiny_llama, text_file, tmp_path):
     assert torch.equal(a, b) and not torch.equal(a, dense)
 
 
-def test_sigterm_leaves_no_finished_looking_output(tiny_llama, text_file, tmp_path):
-    """A terminated run never creates --out; its hidden temporary folder is either removed or,
-    once a block is finished, kept with a one-line hint, and --resume then completes the run."""
+# runs the CLI with a pause (marker file written, then a long sleep) right after the checkpoint is
+# opened (no block finished yet) or right after block 0 is committed, so SIGTERM always lands there
+PAUSED_CLI = """
+import pathlib, sys, time
+from slimkit.calib.checkpoint import Checkpoint
+marker, where = pathlib.Path(sys.argv[1]), sys.argv[2]
+real = getattr(Checkpoint, where)
+
+def paused(self, *a, **k):
+    r = real(self, *a, **k)
+    marker.touch()
+    time.sleep(600)
+    return r
+
+setattr(Checkpoint, where, paused)
+from slimkit.cli import main
+main(sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize("block_finished", [False, True])
+def test_sigterm_leaves_no_finished_looking_output(tiny_llama, text_file, tmp_path, block_finished):
+    """A terminated run never creates --out; its hidden temporary folder is removed when no block
+    was finished, and kept with a one-line hint once one was; --resume then completes the run."""
     import signal
     import time
-    out = tmp_path / "out"
-    args = [*compress_args(tiny_llama, out, text_file, "gptq-w4-g64")[:-1], "--nsamples", "64", "--seqlen", "128"]
-    p = subprocess.Popen([sys.executable, "-m", "slimkit", *args], stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob(".out.partial*")) and p.poll() is None:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
-    if p.returncode == 0:  # finished before the signal landed: nothing to check
-        pytest.skip("the run finished before SIGTERM")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    out = run_dir / "out"
+    partial = run_dir / ".out.partial"
+    marker = tmp_path / "paused"
+    script = tmp_path / "paused_cli.py"
+    script.write_text(PAUSED_CLI)
+    args = compress_args(tiny_llama, out, text_file, "gptq-w4-g64")[:-1]  # progress bars on, too
+    with open(tmp_path / "stderr.txt", "w") as errf:
+        p = subprocess.Popen([sys.executable, str(script), str(marker), "commit" if block_finished else "open", *args],
+                             stderr=errf, stdout=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and not marker.exists() and p.poll() is None:
+            time.sleep(0.05)
+        assert marker.exists() and p.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+        assert partial.is_dir() and not out.exists()  # paused mid-run: only the hidden folder exists
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+    err = (tmp_path / "stderr.txt").read_text()
     lines = [l for l in err.splitlines() if l.startswith("slimkit:")]  # (progress bars are on, too)
     assert p.returncode == 143 and len(lines) == 1 and lines[0].startswith("slimkit: terminated"), err
     assert not out.exists()
-    partial = tmp_path / ".out.partial"
-    if partial.exists():
-        assert (partial / "checkpoint" / "progress.json").is_file() and "--resume" in lines[0]
-        r = subprocess.run([sys.executable, "-m", "slimkit", *args, "--resume"], capture_output=True, text=True)
-        assert r.returncode == 0 and out.is_dir() and not partial.exists(), r.stderr
+    if not block_finished:  # nothing worth resuming: nothing left behind
+        assert lines[0] == "slimkit: terminated", err
+        assert list(run_dir.iterdir()) == []
+        return
+    assert lines[0] == f"slimkit: terminated; progress kept in {partial}: rerun the same command with --resume " \
+                       "to continue", err
+    assert json.loads((partial / "checkpoint" / "progress.json").read_text())["done"] == 1
+    r = subprocess.run([sys.executable, "-m", "slimkit", *args, "--resume"], capture_output=True, text=True)
+    assert r.returncode == 0 and out.is_dir() and not partial.exists(), r.stderr
+    assert json.loads((out / "report.json").read_text())["compression"]["layers"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["out"]

@@ -140,9 +140,33 @@ def test_bits_match_the_bytes_written(tmp_path, cfg):
 @pytest.mark.parametrize("shape,bits", [((48, 128), 3.0), ((192, 576), 2.0), ((96, 64), 4.0)])
 def test_budget_is_met_per_matrix(shape, bits):
     st = build_stage({"method": "reallm", "bits": bits})
+    assert st.candidates(*shape)
     for r, cfg, total in st.candidates(*shape):
         assert total <= bits * shape[0] * shape[1]
-        assert total == sum(cfg.bits(*shape, True).values()) + r * sum(shape) * 16
+
+
+def test_candidate_bits_hand_counted():
+    """Stored bits worked out by hand (not with the code's formula) on small matrices.
+
+    48 x 128 at 3 bits/weight (budget 18,432), d = 2, blocks 32 / 64, permutation stored (128
+    indices x 7 bits = 896), double-quantized scales (8 bits per block + one fp32 per 256 blocks):
+    rank 0: 2^5 centroids, block 64: codes 3,072 x 5 = 15,360 + codebook 32 x 2 x 16 = 1,024 +
+      scales 96 x 8 + 32 = 800 + 896 = 18,080 (block 32 would be 18,848 > budget; 2^6: 18,432
+      for the codes alone);
+    rank 4: fp16 factors 4 x (48 + 128) x 16 = 11,264; 2^1 centroids: codes 3,072 + codebook 64
+      + 896 + scales 192 x 8 + 32 = 1,568 (block 32; the smallest block that fits wins)
+      = 5,600 -> 16,864 (2^2 with block 64 would be 7,968 + 11,264 > budget).
+    10 x 20 at 6 bits (budget 1,200), d = 3, block 48, no permutation: padded to 240 values,
+    80 vectors, codebooks of at most 80 / 4 -> 16 centroids: codes 80 x 4 = 320 + codebook
+    16 x 3 x 16 = 768 + scales 5 x 8 + 32 = 72 = 1,160."""
+    st = build_stage({"method": "reallm", "bits": 3.0, "ranks": [0, 4], "vector_dims": [2], "block_sizes": [32, 64]})
+    assert st.candidates(48, 128) == [(0, VQConfig(2, 5, 64, 256), 18080), (4, VQConfig(2, 1, 32, 256), 16864)]
+    assert VQConfig(2, 5, 64, 256).bits(48, 128, True) == {"codes": 15360, "codebook": 1024, "scales": 800,
+                                                           "perm": 896}
+    st = build_stage({"method": "reallm", "bits": 6.0, "ranks": [0], "vector_dims": [3], "block_sizes": [48],
+                      "permute": False})
+    assert st.candidates(10, 20) == [(0, VQConfig(3, 4, 48, 256), 1160)]
+    assert VQConfig(3, 4, 48, 256).bits(10, 20, False) == {"codes": 320, "codebook": 768, "scales": 72, "perm": 0}
 
 
 def test_impossible_budget_is_refused():
@@ -186,18 +210,47 @@ def test_decoder_shapes_and_determinism():
     assert dec.latent_dim((20, 36), cfg, budget) == 6
 
 
-def test_decoder_is_used_only_when_it_wins(caplog):
+@pytest.mark.parametrize("decoder_wins", [True, False])
+def test_decoder_is_used_only_when_it_wins(caplog, monkeypatch, decoder_wins):
+    """The decision is forced either way: the fitted decoder's output is replaced by the exact
+    residual (error 0, it must be used) or by the residual plus a large offset (it must lose to
+    the VQ). ranks [0]: the residual is W itself."""
+    from slimkit.methods import reallm
+
     W = structured_weight(64, 128, seed=4)
     X = correlated_inputs(2048, 128, seed=4)
-    cfg = {"method": "reallm", "bits": 3.0, "ranks": [0], "decoder": True, "decoder_steps": 30,
+    real_fit = reallm.fit_decoder
+
+    def forced_fit(Res, *a, **k):
+        fit = real_fit(Res, *a, **k)
+        fit.X_hat = Res.clone() if decoder_wins else Res + 10 * Res.abs().max()
+        return fit
+
+    monkeypatch.setattr(reallm, "fit_decoder", forced_fit)
+    cfg = {"method": "reallm", "bits": 3.0, "ranks": [0], "decoder": True, "decoder_steps": 5,
            "decoder_hidden": 16}
     with caplog.at_level(logging.INFO, logger="slimkit.methods.reallm"):
         s = build_stage(cfg).run(LinearState.from_weight("m.o_proj", W), stats_for(X))
-    assert "m.o_proj: decoder" in caplog.text
+    msgs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("m.o_proj: decoder")]
+    assert len(msgs) == 1, caplog.text
     assert sum(s.bits().values()) <= 3.0 * W.numel()
-    used = s.notes["reallm"]["decoder"]
-    assert used == any(k.startswith("dec_") for k in s.tensors)
-    assert ("beats VQ" in caplog.text) == used and ("keeping VQ" in caplog.text) == (not used)
+    dec_tensors = sorted(k for k in s.tensors if k.startswith("dec_"))
+    vq_tensors = sorted(k for k in s.tensors if k.startswith("vq_"))
+    if decoder_wins:
+        assert s.notes["reallm"]["decoder"] is True and s.notes["grid"].startswith("decoder t8 ")
+        assert " beats VQ: 0 < " in msgs[0]
+        assert torch.equal(s.weight, W)  # the (forced) decoder output is what the model gets
+        assert dec_tensors and not vq_tensors and "vq" not in s.notes
+    else:
+        assert s.notes["reallm"]["decoder"] is False and s.notes["grid"].startswith("VQ d")
+        assert "loses to VQ at the same bits" in msgs[0] and msgs[0].endswith("keeping VQ")
+        assert vq_tensors and not dec_tensors and "vq" in s.notes
+        assert 0 < ((s.weight - W).norm() / W.norm()).item() < 1  # the VQ, not the offset decoder output
+        vcfg = VQConfig(s.notes["vq"]["d"], s.notes["vq"]["code_bits"], s.notes["vq"]["block"],
+                        s.notes["vq"]["scale_group"])
+        code = VQCode(vcfg, tuple(W.shape), s.tensors["vq_codes"], s.tensors["vq_codebook"],
+                      s.tensors["vq_scale_q"], s.tensors["vq_scale_max"], s.tensors.get("vq_perm"))
+        assert torch.allclose(decode(code), s.weight, atol=1e-6)  # the stored VQ gives the weight
 
 
 def test_finetuning_the_low_rank_parts_end_to_end(tiny_llama, text_file):

@@ -109,14 +109,31 @@ def test_sqc_is_no_worse_than_minmax_on_every_group(bits, lam):
         assert e_sqc.sum() < e_mm.sum()  # and the search does find something better
 
 
+def planted_layer(out, group_scales, group=32, seed=5):
+    """W whose column groups have the given scales (the last one may be narrower), and isotropic
+    uncorrelated inputs (every token one unit vector): H is a multiple of I, so the GPTQ sweep
+    pushes no error onto later columns and every group is quantized as it is in W, and the
+    salience of a group is the sum of its W^2."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.cat([torch.full((w,), float(c)) for c, w in group_scales])
+    W = torch.randn(out, scale.numel(), generator=g) * scale
+    X = torch.eye(scale.numel()).repeat(2048 // scale.numel() + 1, 1)[:2048]
+    return W, X, make_stats(X)
+
+
 def test_binarized_groups_follow_the_spec():
-    W, X, stats = layer(32, 128, seed=5)
+    # 4 groups of 32 at 2 bits: one pair moves (k = 1): the most salient group (0) gets 3 bits,
+    # the least salient (3) is binarized
+    W, X, stats = planted_layer(32, [(4.0, 32), (1.0, 32), (2.0, 32), (0.1, 32)])
     s = run({"method": "slim_llm", "bits": 2, "group_size": 32, "clip_steps": 5}, W, stats)
-    one = [gi for gi, b in enumerate(s.tensors["group_bits"].tolist()) if b == 1]
-    assert one
-    for gi in one:
-        w = s.weight[:, gi * 32:(gi + 1) * 32]
-        assert all(len(torch.unique(r)) <= 2 for r in w)  # two levels per row: m - a, m + a
+    assert s.tensors["group_bits"].tolist() == [3, 2, 2, 1]
+    # binarized per row: m + a sign(w - m), m = mean(w), a = mean|w - m| (computed here from W)
+    w = W[:, 96:]
+    m = w.mean(1, keepdim=True)
+    a = (w - m).abs().mean(1, keepdim=True)
+    expected = torch.where(w > m, m + a, m - a)
+    assert torch.allclose(s.weight[:, 96:], expected, atol=1e-5, rtol=0)
+    assert ((s.weight[:, 96:] - m).abs() < 1e-5).sum() == 0  # two levels, none at the mean
 
 
 @pytest.mark.parametrize("cfg", [{"method": "slim_llm", "bits": 2, "group_size": 32},
@@ -143,18 +160,20 @@ def test_bit_maps_round_trip_through_save_and_load(cfg, tmp_path):
 
 
 def test_storage_counts_every_bit():
-    W, X, stats = layer(40, 144, seed=3)
+    # 40 x 144 at 2 bits, groups of 32: four full groups and a ragged one of 16 that keeps 2 bits;
+    # bit map [3, 2, 2, 1, 2] (group 0 most salient, group 3 least), counted by hand:
+    # values 40 x (32*3 + 32*2 + 32*2 + 32*1 + 16*2) = 11,520; scales 40 x 5 fp16 = 3,200;
+    # zeros 40 x (3 + 2 + 2 + 16 + 2) = 1,000 (the binarized group's zero is fp16); bit map 5 bytes
+    W, X, stats = planted_layer(40, [(4.0, 32), (1.0, 32), (2.0, 32), (0.1, 32), (1.0, 16)], seed=3)
     s = run({"method": "slim_llm", "bits": 2, "group_size": 32, "clip_steps": 5}, W, stats)
-    gb = s.tensors["group_bits"].long()
-    b = s.bits()
-    assert b["values"] == 40 * 144 * 2
-    assert b["scales"] == 40 * 5 * 16
-    assert b["zeros"] == sum(40 * (16 if x == 1 else x) for x in gb.tolist())  # binarized: fp16 mean
-    assert b["bitmap"] == 5 * 8
-    # with a 2:4 mask only kept codes count, plus the 2-bit positions
+    assert s.tensors["group_bits"].tolist() == [3, 2, 2, 1, 2]
+    assert s.bits() == {"values": 11520, "scales": 3200, "zeros": 1000, "bitmap": 40, "mask": 0}
+    # with a 2:4 mask only the kept codes count (half of every group): 40 x (16*3 + 16*2 + 16*2
+    # + 16*1 + 8*2) = 5,760, plus a 2-bit position per kept value: 2,880 x 2 = 5,760
     p = run({"method": "wanda", "sparsity": "2:4"}, W, stats)
     p = run({"method": "slim_llm", "bits": 2, "group_size": 32, "clip_steps": 5}, W, stats, state=p)
-    assert p.bits()["values"] == 40 * 144 // 2 * 2 and p.bits()["mask"] == 40 * 144 // 2 * 2
+    assert p.tensors["group_bits"].tolist() == [3, 2, 2, 1, 2]
+    assert p.bits() == {"values": 5760, "scales": 3200, "zeros": 1000, "bitmap": 40, "mask": 5760}
 
 
 @pytest.mark.parametrize("group", [32, 64])

@@ -1,11 +1,13 @@
 """Conformance battery over every registered stage, on tiny Linear layers with synthetic statistics."""
+import logging
+
 import pytest
 import torch
 
 from slimkit.errors import NumericalError, RecipeError
 from slimkit.methods import STAGES, LinearState, LinearStats, build_stage
-from slimkit.ops.masks import is_nm
-from slimkit.ops.obs import inverse_hessian
+from slimkit.ops.masks import is_nm, parse_sparsity
+from slimkit.ops.obs import inverse_hessian, obs_sweep
 from slimkit.ops.quant import QuantSpec, group_slices
 
 from helpers import correlated_inputs
@@ -135,8 +137,17 @@ def test_wanda_beats_magnitude_on_skewed_inputs():
 def test_cholesky_failure_escalates_damping(caplog):
     X = correlated_inputs(8, 32)  # rank 8 < 32: singular Hessian
     H = 2 * X.T @ X / 8
-    inv = inverse_hessian(H, percdamp=0.0, name="singular")
-    assert inv.damp > 0 and torch.isfinite(inv.Hinv).all()
+    with caplog.at_level(logging.INFO, logger="slimkit.ops.obs"):
+        inv = inverse_hessian(H, percdamp=0.0, name="singular")
+    # undamped fails (fp32 and fp64); the first escalation from 0 is 1e-4 of mean diag H, enough here
+    assert inv.damp == pytest.approx(1e-4) and torch.isfinite(inv.Hinv).all()
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warned] == ["singular: Cholesky needed damping 0.0001 (asked 0)"], caplog.text
+    # and Hinv really is the upper factor of the inverse of the damped Hessian: U^T U (H + damp I) = I
+    U = inv.Hinv.double()
+    damped = H.double() + 1e-4 * H.double().diagonal().mean() * torch.eye(32, dtype=torch.float64)
+    assert torch.equal(U, U.triu())
+    assert (U.T @ U @ damped - torch.eye(32, dtype=torch.float64)).abs().max() < 1e-2
 
 
 def test_dead_inputs_are_zeroed():
@@ -182,20 +193,31 @@ def test_nm_needs_divisible_width():
 
 def test_actorder_with_nm_refused():
     W, X, stats = layer()
+    inv = stats.inverse(0.01, True, "layer")
+    assert inv.perm is not None  # an act-order inverse
+    # pruning N:M inside an act-order sweep would break the N:M runs: refused, whatever else is asked
+    for quant in (None, QuantSpec(4, 32)):
+        with pytest.raises(RecipeError, match="act-order cannot be combined with N:M"):
+            obs_sweep(W, inv, quant=quant, sparsity=parse_sparsity("2:4"))
+    # unstructured pruning in an act-order sweep is not refused
+    res = obs_sweep(W, inv, sparsity=parse_sparsity(0.5))
+    assert res.keep.sum().item() == OUT * IN // 2
+    # an existing N:M mask is fine with act-order GPTQ: kept exactly, pruned weights stay zero
     s = run({"method": "wanda", "sparsity": "2:4"}, W, stats)
-    s = run({"method": "gptq", "bits": 4, "actorder": True}, W, stats, state=s)  # an existing mask is fine
+    mask = s.mask.clone()
+    s = run({"method": "gptq", "bits": 4, "actorder": True}, W, stats, state=s)
+    assert torch.equal(s.mask, mask) and is_nm(s.mask, 2, 4)
     assert torch.all(s.weight[~s.mask] == 0)
 
 
 def test_bits_accounting():
     W, X, stats = layer()
     s = run({"method": "sparsegpt", "sparsity": "2:4", "bits": 4, "group_size": 32}, W, stats)
-    b = s.bits()
-    numel = OUT * IN
-    assert b["values"] == numel // 2 * 4
-    assert b["mask"] == numel // 2 * 2  # 2-bit position per kept value
-    assert b["scales"] == OUT * (IN // 32) * 16 and b["zeros"] == OUT * (IN // 32) * 4
-    assert QuantSpec(4, 32).ngroups(IN) == IN // 32
+    # 48 x 128 = 6,144 weights, 3,072 kept at 4 bits = 12,288; a 2-bit position per kept value =
+    # 6,144; 48 rows x 4 groups = 192 (row, group) grids: fp16 scales 3,072, 4-bit zeros 768
+    assert (OUT, IN) == (48, 128)
+    assert s.bits() == {"values": 12288, "mask": 6144, "scales": 3072, "zeros": 768}
+    assert QuantSpec(4, 32).ngroups(IN) == 4 and QuantSpec(4, 48).ngroups(IN) == 3  # ragged last group
 
 
 def test_input_sample_keeps_first_rows():
