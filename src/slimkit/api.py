@@ -21,7 +21,7 @@ from .data import calibration_ids, evaluation_ids
 from .errors import SlimkitError
 from .finetune import finetune_adapters
 from .eval import evaluate
-from .eval.perplexity import ReferenceCache, windows_key
+from .eval.perplexity import DenseReference, ReferenceCache, linear_head, reference_summary, windows_key
 from .eval.report import write_report
 from .models import layout_for, load_model
 from .models.layout import ResidentBlocks
@@ -162,6 +162,10 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
         ids = calibration_ids(calib, tok, nsamples, seqlen, seed)
     windows = evaluation_ids(eval_data, tok, seqlen, eval_tokens) if eval_data else None
     t_load = time.perf_counter() - t0
+    reference = None  # the dense model's summary for the KL, made before any block changes
+    if windows is not None and dist.rank() == 0:
+        reference = dense_reference_for(model, windows, resident=None if streamed is not None else m,
+                                        reference_cache=reference_cache, placement=placement, progress=progress)
 
     if dist.rank() != 0:  # a helper worker: statistics of its share, collectives; worker 0 writes
         compress_model(m, layout, rec, ids, batch_size=batch_size, progress=False, placement=placement)
@@ -218,8 +222,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
         if windows is not None:
             if m is None:  # low memory: evaluate what was written (loaded whole, like any user would)
                 m = load_model(str(tmp), dtype=placement.storage, with_tokenizer=False)[0]
-            report["eval"] = evaluate_against_dense(m, model, windows, progress=progress,
-                                                    reference_cache=reference_cache,
+            report["eval"] = evaluate_against_dense(m, model, windows, reference, progress=progress,
                                                     placement=placement) | {"source": eval_data}
         report["peak_rss_total_mb"] = peak_rss_mb()
         if dist.active():
@@ -272,18 +275,41 @@ class _Records:
             self.state.spill(self.directory, index, tensors)
 
 
-def evaluate_against_dense(model, dense_spec: str, windows: torch.Tensor, *, progress: bool = True,
-                           reference_cache: str | None = None, placement: Placement | None = None) -> dict:
-    """Perplexity of ``model`` and KL to the dense model ``dense_spec`` on ``windows``, computed
-    on ``placement`` (default: the CPU in the models' dtype)."""
+def dense_reference_for(dense_spec: str, windows: torch.Tensor, *, resident=None, reference_cache: str | None = None,
+                        placement: Placement | None = None, progress: bool = True) -> DenseReference | None:
+    """The dense model's summary of ``windows`` for the head-moment KL (eval.perplexity), from
+    ``reference_cache`` when it holds it; computed with ``resident`` (the dense model, before any
+    block is compressed) or else with ``dense_spec`` loaded for the duration. None when the
+    model's logits are not a plain linear head: its evaluation then runs paired."""
     cache = ReferenceCache(reference_cache, windows_key(windows, resolve(dense_spec)[1])) if reference_cache else None
-    dense = None
-    if cache is None or not cache.ready():
-        dense, _, _ = load_model(dense_spec, dtype=placement.storage if placement else "auto", with_tokenizer=False)
+    if cache is not None:
+        cache.check_location()
+    dense = resident if resident is not None else \
+        load_model(dense_spec, dtype=placement.storage if placement else "auto", with_tokenizer=False)[0]
+    head = linear_head(dense, placement)
+    if head is None:
+        log.warning("this model's logits are not its output head applied to the last hidden state: the KL "
+                    "will be computed with the dense model loaded beside the compressed one%s",
+                    " (--reference-cache is not used)" if cache is not None else "")
+        return None
+    return reference_summary(lambda: dense, windows, head, cache=cache, progress=progress, placement=placement)
+
+
+def evaluate_against_dense(model, dense_spec: str, windows: torch.Tensor, reference: DenseReference | None = None, *,
+                           progress: bool = True, placement: Placement | None = None) -> dict:
+    """Perplexity of ``model`` and KL to the dense model ``dense_spec`` on ``windows``, computed
+    on ``placement`` (default: the CPU in the models' dtype): from ``reference`` (the dense
+    model's summary) when given, else with the dense model loaded beside it (paired)."""
     t = time.perf_counter()
-    res = evaluate(model, windows, dense, cache=cache, progress=progress, desc="eval (compressed vs dense)",
+    if reference is None:
+        reference = load_model(dense_spec, dtype=placement.storage if placement else "auto", with_tokenizer=False)[0]
+    res = evaluate(model, windows, reference, progress=progress, desc="eval (compressed vs dense)",
                    placement=placement)
-    return res.to_dict() | {"seconds": time.perf_counter() - t}
+    out = res.to_dict() | {"seconds": time.perf_counter() - t}
+    if isinstance(reference, DenseReference):
+        out |= {"reference_seconds": reference.seconds, "reference_cache": reference.meta.get("cache"),
+                "reference_bytes": reference.nbytes()}
+    return out
 
 
 def evaluate_model(model: str, data: str = "shakespeare:eval", *, reference: str | None = None,
@@ -294,7 +320,17 @@ def evaluate_model(model: str, data: str = "shakespeare:eval", *, reference: str
     placement = Placement.make(device, storage)
     m, tok, _ = load_model(model, dtype=storage)
     windows = evaluation_ids(data, tok, seqlen, max_tokens)
-    ref = load_model(reference, dtype=storage, with_tokenizer=False)[0] if reference else None
+    ref = None
+    if reference:
+        head = linear_head(m, placement)
+        if head is not None:  # the reference alone first, then the model: never both in memory
+            head = head.detached()
+            del m
+            ref = reference_summary(lambda: load_model(reference, dtype=storage, with_tokenizer=False)[0], windows,
+                                    head, progress=progress, placement=placement)
+            m = load_model(model, dtype=storage, with_tokenizer=False)[0]
+        else:
+            ref = load_model(reference, dtype=storage, with_tokenizer=False)[0]
     res = evaluate(m, windows, ref, progress=progress, placement=placement)
     return res.to_dict() | {"source": data, "model": model, "reference": reference,
                            "device": placement.describe()}

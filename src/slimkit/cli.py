@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-tokens", type=_positive(int), default=16384, help="evaluation tokens (default 16384)")
     c.add_argument("--batch-size", type=_positive(int), default=8)
     c.add_argument("--reference-cache", default=None,
-                   help="folder to cache the dense model's eval log-probs in (speeds up repeated runs)")
+                   help="folder to keep the dense model's evaluation summary in (hidden size + 3 numbers per "
+                        "token; reused by later runs on the same model and windows)")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command from its last finished block")
     c.add_argument("--low-memory", action="store_true",
@@ -148,7 +149,8 @@ def run(argv=None) -> int:
         rows = [("model", r["model"]), ("data", f"{r['source']}: {r['windows']} x {r['seqlen']} tokens"),
                 ("perplexity", f"{r['ppl']:.3f}")]
         if r.get("kl") is not None:
-            rows += [("reference perplexity", f"{r['ref_ppl']:.3f}"), ("KL(reference || model)", f"{r['kl']:.4f}")]
+            rows += [("reference perplexity", f"{r['ref_ppl']:.3f}"), ("KL(reference || model)", f"{r['kl']:.4f}"),
+                     ("KL method", r["kl_method"])]
         print(_table(rows))
         return 0
 

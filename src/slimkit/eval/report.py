@@ -40,6 +40,10 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
             ("perplexity compressed", _f(ev["ppl"])),
             ("KL(dense || compressed), nats/token", _f(ev.get("kl"), 4)),
         ]
+        if ev.get("kl_method"):
+            rows += [("KL method", ev["kl_method"]), ("KL error bound", ev["kl_error_bound"])]
+        if report.get("peak_rss_total_mb"):
+            rows.append(("peak RSS (whole run, with evaluation)", f"{report['peak_rss_total_mb']:.0f} MiB"))
     return rows
 
 
