@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import resource
@@ -57,24 +58,103 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
+LOCK = ".lock"  # inside the partial folder: held (flock) for the whole run, released on exit or death
+
+
+def _lock(tmp: Path, out: Path) -> int:
+    """Take the partial folder's exclusive lock, or refuse: another process is writing ``out``."""
+    fd = os.open(tmp / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SlimkitError(f"another slimkit run is writing {str(out)!r} now (its temporary folder "
+                           f"{str(tmp)!r} is locked); wait for it or stop it") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def partial_in_use(tmp: Path) -> bool:
+    """Whether a live process holds the lock of the partial folder ``tmp``."""
+    try:
+        fd = os.open(tmp / LOCK, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The ancestors of ``path`` that do not exist yet, nearest first."""
+    missing = []
+    for p in path.parents:
+        if p.exists():
+            break
+        missing.append(p)
+    return missing
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give every file and folder under ``folder`` (itself included) the mode the user's umask asks
+    for: some writers (safetensors) create their files 0600 whatever the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, *, reuse: bool = False, keep=None):
     """Yield a temporary folder beside ``out``; rename it to ``out`` only if the body succeeds.
 
-    On failure the folder is removed, unless ``keep(exc)`` says it holds progress worth resuming:
+    The temporary folder is created atomically and locked for the whole run, so a second run into
+    the same ``out`` is refused with one line (even when both start within the same second). On
+    failure the folder is removed, unless ``keep(exc)`` says it holds progress worth resuming:
     it returns None (remove), or a hint for the user ("" to keep it silently), which is attached
     to the exception as ``slimkit_hint`` so that the CLI prints it on the error's one line. A
-    full disk always removes it (the space is what the user needs back). ``reuse`` continues in
-    an existing temporary folder (``--resume``)."""
+    full disk always removes it (the space is what the user needs back), and so are the parent
+    folders this run created. ``reuse`` continues in an existing temporary folder (``--resume``)."""
+    created = _missing_parents(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_dir(out)
-    if not (reuse and tmp.is_dir()):
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    fd = None
+    try:
+        if reuse and tmp.is_dir():
+            fd = _lock(tmp, out)
+        else:
+            try:
+                tmp.mkdir()
+            except FileExistsError:
+                if partial_in_use(tmp) or not (tmp / LOCK).is_file():  # live, or being created right now
+                    raise SlimkitError(f"another slimkit run is writing {str(out)!r} (its temporary folder "
+                                       f"{str(tmp)!r} exists); if none is, delete that folder") from None
+                shutil.rmtree(tmp, ignore_errors=True)  # a dead run's (callers that can resume check first)
+                try:
+                    tmp.mkdir()
+                except FileExistsError:
+                    raise SlimkitError(f"another slimkit run is writing {str(out)!r} now") from None
+            fd = _lock(tmp, out)
+    except BaseException:
+        for p in created:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
     try:
         yield tmp
         if out.exists():
             out.rmdir()  # empty, checked before
+        (tmp / LOCK).unlink(missing_ok=True)
+        _apply_umask(tmp)
         os.replace(tmp, out)
     except BaseException as e:
         disk_full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) \
@@ -82,9 +162,71 @@ def atomic_dir(out: Path, *, reuse: bool = False, keep=None):
         hint = None if keep is None or disk_full else keep(e)
         if hint is None:
             shutil.rmtree(tmp, ignore_errors=True)
+            for p in created:  # nearest first: each is empty once the one below it is gone
+                with contextlib.suppress(OSError):
+                    p.rmdir()
         elif hint:
             e.slimkit_hint = hint
         raise
+    finally:
+        os.close(fd)
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory the kernel says can be allocated without swapping (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_positions(config, seqlen: int) -> None:
+    """Refuse windows longer than the model's positions (an IndexError in OPT, silently wrong in
+    rotary models)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if isinstance(limit, int) and 0 < limit < seqlen:
+        raise SlimkitError(f"--seqlen {seqlen} is longer than this model's {limit} positions "
+                           "(max_position_embeddings)")
+
+
+def check_resources(model, *, nsamples: int, seqlen: int, out: Path, placement: Placement,
+                    offload_activations: bool, eval_tokens: int | None, blocks=None) -> None:
+    """Refuse, before any work, a run that cannot fit: calibration activations against the memory
+    available (or, offloaded, against the disk), the output against the free disk space."""
+    hidden = model.get_input_embeddings().weight.shape[1]
+    width = torch.empty((), dtype=placement.compute).element_size()
+    acts = 3 * nsamples * seqlen * hidden * width  # the block's inputs, outputs and one working copy
+    ids = nsamples * seqlen * 8
+    params = sum(p.numel() for p in model.parameters())
+    if blocks is not None:  # a streamed model holds one block: count the others
+        built = len(layout_for(model).blocks(model))
+        params += (len(blocks) - built) * sum(p.numel() for p in layout_for(model).blocks(model)[0].parameters())
+    stored = params * torch.empty((), dtype=placement.storage).element_size()
+    # the output model, its state records (codes, masks, adapters: at most half of it again), the
+    # checkpoint's next-block inputs, offloaded activations, the dense evaluation summary
+    disk = int(1.5 * stored) + nsamples * seqlen * hidden * 4 + (acts if offload_activations else 0) \
+        + (eval_tokens or 0) * (hidden + 2) * 8
+    avail = _available_memory()
+    size = f"{nsamples} x {seqlen} calibration tokens (hidden size {hidden})"
+    if avail is not None and placement.device.type == "cpu" and not offload_activations and acts + ids > avail:
+        raise SlimkitError(f"{size} need about {_gib(acts + ids)} of activations and {_gib(avail)} of memory is "
+                           "available: lower --nsamples or --seqlen, or pass --offload-activations")
+    if avail is not None and ids > avail:
+        raise SlimkitError(f"{size} need {_gib(ids)} for the token ids alone; {_gib(avail)} of memory is available")
+    where = next(p for p in [out, *out.parents] if p.exists())
+    free = shutil.disk_usage(where).free
+    if disk > free:
+        raise SlimkitError(f"not enough free disk space in {str(where)!r}: this run writes about {_gib(disk)}, "
+                           f"{_gib(free)} is free")
 
 
 def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | torch.Tensor = "shakespeare",
@@ -112,6 +254,9 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
     t0 = time.perf_counter()
     out_path = check_output_dir(out, model)
     partial = partial_dir(out_path)
+    if partial.exists() and partial_in_use(partial):
+        raise SlimkitError(f"another slimkit run is writing {str(out_path)!r} now (its temporary folder "
+                           f"{str(partial)!r} is locked); wait for it or stop it")
     if partial.exists() and not resume:
         raise SlimkitError(f"an unfinished run of this output is in {str(partial)!r}: pass --resume to "
                            "continue it, or delete that folder")
@@ -153,6 +298,10 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
             raise SlimkitError(f"unsupported architecture {layout.model_type!r}: its decoder blocks hold no nn.Linear "
                                f"layers (2-D weights in: {', '.join(kinds) or 'none'})")
         raise SlimkitError(f"recipe {rec.name!r} ignores every Linear of the model")
+    check_positions(m.config, seqlen)
+    check_resources(m, nsamples=nsamples, seqlen=seqlen, out=out_path, placement=placement,
+                    offload_activations=offload_activations, eval_tokens=eval_tokens if eval_data else None,
+                    blocks=source if streamed is not None else None)
     if given_ids is not None:
         vocab = m.get_input_embeddings().weight.shape[0]
         if int(given_ids.max()) >= vocab or int(given_ids.min()) < 0:
@@ -319,6 +468,7 @@ def evaluate_model(model: str, data: str = "shakespeare:eval", *, reference: str
     storage = resolve_dtype(dtype, model_config(model))
     placement = Placement.make(device, storage)
     m, tok, _ = load_model(model, dtype=storage)
+    check_positions(m.config, seqlen)
     windows = evaluation_ids(data, tok, seqlen, max_tokens)
     ref = None
     if reference:

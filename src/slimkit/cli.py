@@ -205,6 +205,8 @@ def _describe(e: BaseException) -> tuple[str, int]:
         return "interrupted", 130
     if isinstance(e, _Terminated):
         return "terminated", 143
+    if "No space left on device" in str(e):  # e.g. from safetensors' own writer (the partial output is removed)
+        return "error: No space left on device", 2
     if isinstance(e, OSError):  # disk full (the partial output is removed), permissions, ...
         return f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}", 2
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -92,8 +92,10 @@ def activation_buffer(folder: str | None, name: str, like: torch.Tensor, copy: b
         return like if copy else torch.empty_like(like)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"activations-{name}.bin")
-    with open(path, "wb") as f:
-        f.truncate(like.numel() * like.element_size())
+    with open(path, "wb") as f:  # allocated now: a full disk is ENOSPC here, not SIGBUS on a later page write
+        nbytes = like.numel() * like.element_size()
+        if nbytes:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
     t = torch.from_file(path, shared=True, size=like.numel(), dtype=like.dtype).view(like.shape)
     if copy:
         t.copy_(like)

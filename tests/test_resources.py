@@ -1,0 +1,170 @@
+"""Resources and writers (issue 17, classes 3, 4, 6): a full disk, absurd sizes, two runs into one
+output, windows longer than the model's positions, file modes. Each refusal: exit 2, one line on
+stderr, no traceback, nothing created at or beside --out (parent folders included), input untouched."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SMALL = ["--nsamples", "4", "--seqlen", "32", "--eval-tokens", "128", "-q"]
+
+
+def _args(model, out, text, *extra, recipe="gptq-w4-g64"):
+    return ["compress", str(model), "--recipe", recipe, "--out", str(out), "--calib", str(text),
+            "--eval", str(text), *SMALL, *extra]
+
+
+def _cli(*args, env=None, script=None):
+    cmd = [sys.executable, *(["-c", script] if script else ["-m", "slimkit"]), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _one_line(r, *words):
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("slimkit: error:"), r.stderr
+    assert "Traceback" not in r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def _snapshot(path: Path):
+    return sorted((str(p.relative_to(path)), p.read_bytes()) for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small tmpfs (root only), to fill up for real."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+
+    def mount(size: str):
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        return mnt
+    yield mount
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_not_enough_disk_refused_up_front(tiny_llama, text_file, tmpfs):
+    mnt = tmpfs("128k")
+    before = _snapshot(tiny_llama)
+    t = time.time()
+    r = _cli(*_args(tiny_llama, mnt / "a" / "b" / "out", text_file))
+    _one_line(r, "not enough free disk space", "free")
+    assert time.time() - t < 60
+    assert list(mnt.iterdir()) == []  # no parent folders, no partial folder
+    assert _snapshot(tiny_llama) == before
+
+
+# the up-front check patched away: the disk fills during the run itself
+UNCHECKED = """
+import sys
+import slimkit.api as api
+api.check_resources = lambda *a, **k: None
+from slimkit.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_disk_full_during_the_run_is_one_line(tiny_llama, text_file, tmpfs, offload):
+    """ENOSPC while writing the output (safetensors' writer) or allocating offloaded activations
+    (no SIGBUS): one line, exit 2, the partial folder and the parent folders it created removed."""
+    mnt = tmpfs("300k" if not offload else "64k")
+    extra = ["--offload-activations", "--nsamples", "64"] if offload else []
+    r = _cli(*_args(tiny_llama, mnt / "a" / "out", text_file, *extra), script=UNCHECKED)
+    _one_line(r, "No space left on device")
+    assert list(mnt.iterdir()) == []
+
+
+def test_absurd_calibration_size_refused_quickly(tiny_llama, text_file, tmp_path):
+    t = time.time()
+    r = _cli(*_args(tiny_llama, tmp_path / "x" / "out", text_file, "--nsamples", "100000000", "--seqlen", "256"))
+    _one_line(r, "--nsamples", "available")
+    assert time.time() - t < 60
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("cmd", ["compress", "eval"])
+def test_seqlen_beyond_positions_refused(tiny_llama, text_file, tmp_path, cmd):
+    if cmd == "compress":
+        r = _cli(*_args(tiny_llama, tmp_path / "out", text_file, "--seqlen", "512"))
+    else:
+        r = _cli("eval", tiny_llama, "--data", text_file, "--seqlen", "512", "-q")
+    _one_line(r, "--seqlen 512", "256 positions")
+    assert list(tmp_path.iterdir()) == []
+
+
+PAUSED = """
+import pathlib, sys, time
+from slimkit.calib.checkpoint import Checkpoint
+marker, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+real = Checkpoint.open
+def paused(self, *a, **k):
+    r = real(self, *a, **k)
+    marker.touch()
+    while not go.exists():
+        time.sleep(0.05)
+    return r
+Checkpoint.open = paused
+from slimkit.cli import main
+main(sys.argv[3:])
+"""
+
+
+def test_second_writer_refused_while_first_runs(tiny_llama, text_file, tmp_path):
+    """Two real processes into one --out: the second (and a --resume) is refused with one line while
+    the first holds the partial folder's lock; the first then finishes untouched."""
+    out = tmp_path / "run" / "out"
+    marker, go = tmp_path / "paused", tmp_path / "go"
+    a = subprocess.Popen([sys.executable, "-c", PAUSED, str(marker), str(go), *_args(tiny_llama, out, text_file)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not marker.exists() and a.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), a.stderr.read() if a.poll() is not None else "timeout"
+        partial = out.parent / ".out.partial"
+        before = _snapshot(partial)
+        for extra in ([], ["--resume"]):
+            r = _cli(*_args(tiny_llama, out, text_file, *extra))
+            _one_line(r, "another slimkit run is writing")
+            assert _snapshot(partial) == before and not out.exists()
+        go.touch()
+        assert a.wait(timeout=300) == 0, a.stderr.read()
+    finally:
+        go.touch()
+        a.kill() if a.poll() is None else None
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+    assert (out / "report.json").is_file() and not (out / ".lock").exists()
+
+
+def test_racing_starts_one_wins(tiny_llama, text_file, tmp_path):
+    """Started together (no pause): exactly one run writes --out, the other is refused in one line."""
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-m", "slimkit", *_args(tiny_llama, out, text_file)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    codes = sorted(c for c, _ in results)
+    assert codes == [0, 2], results
+    err = next(e for c, e in results if c == 2)
+    assert "another slimkit run is writing" in err or "an unfinished run" in err or "already exists" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_output_files_follow_the_umask(tiny_llama, text_file, tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run(["sh", "-c", 'umask 022 && exec "$@"', "sh", sys.executable, "-m", "slimkit",
+                        *_args(tiny_llama, out, text_file)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes and all(m == 0o644 for m in modes.values()), modes
+    assert out.stat().st_mode & 0o777 == 0o755
