@@ -21,6 +21,10 @@ class NumericalError(SlimkitError):
     """NaN/Inf or a factorisation that cannot be repaired."""
 
 
+class ResumeError(SlimkitError):
+    """A checkpoint cannot be resumed: damaged, edited, or its files changed ("cannot resume: ...")."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name when empty): one-line errors."""
     text = str(e).strip()

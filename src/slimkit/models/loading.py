@@ -10,11 +10,12 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from ..errors import ModelError, first_line
+from ..errors import ModelError, NumericalError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,96 @@ def _strip_gguf_quantizer(model) -> None:
             del model.__dict__[attr]
 
 
+# ---- integrity of an input model: every tensor there, none extra, every value finite ---------
+
+CHUNK_ELEMENTS = 1 << 24  # finiteness is scanned in pieces of this many elements (bounded scratch memory)
+
+
+def name_some(names: Iterable[str], n: int = 3) -> str:
+    """'a, b, c and 4 more' (sorted): a few names in a one-line message."""
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def nonfinite_kinds(t: torch.Tensor, chunk: int = CHUNK_ELEMENTS) -> set[str]:
+    """Which of 'NaN' and 'Inf' ``t`` holds (empty: every value is finite). Integer and boolean
+    tensors are finite; a large tensor is scanned in pieces of ``chunk`` elements."""
+    kinds: set[str] = set()
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0 or t.device.type == "meta":
+        return kinds
+    flat = t.detach().reshape(-1)
+    for start in range(0, flat.numel(), chunk):
+        piece = flat[start:start + chunk]
+        try:
+            ok = bool(torch.isfinite(piece).all())
+        except (RuntimeError, TypeError):  # a dtype without isfinite on this device (e.g. float8)
+            piece = piece.float()
+            ok = bool(torch.isfinite(piece).all())
+        if not ok:
+            kinds |= {"NaN"} if bool(torch.isnan(piece).any()) else set()
+            kinds |= {"Inf"} if bool(torch.isinf(piece).any()) else set()
+            if len(kinds) == 2:
+                break
+    return kinds
+
+
+def check_finite(spec: str, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """NumericalError naming the tensors of ``named`` that hold NaN or Inf (every one is looked at;
+    a name may come several times, one piece of its tensor each, so that a checkpoint is scanned
+    from disk one piece at a time). The one check of an input model's values, in memory
+    (load_model) and streamed (--low-memory)."""
+    bad: dict[str, set[str]] = {}
+    for name, t in named:
+        kinds = nonfinite_kinds(t)
+        if kinds:
+            bad.setdefault(name, set()).update(kinds)
+    if bad:
+        named_kinds = [f"{n} ({' and '.join(sorted(k, reverse=True))})" for n, k in bad.items()]
+        raise NumericalError(f"the input model {spec!r} contains NaN/Inf in {len(bad)} tensor"
+                             f"{'s' if len(bad) > 1 else ''}: {name_some(named_kinds)}")
+
+
+def check_complete(spec: str, missing: Iterable[str] = (), unexpected: Iterable[str] = (),
+                   mismatched: Iterable[tuple[str, tuple, tuple]] = (), hint: str = "") -> None:
+    """ModelError naming the tensors the checkpoint should hold but does not, those it should not
+    hold, and those of the wrong shape (each: name, shape in the file, shape in the model)."""
+    missing, unexpected, mismatched = set(missing), set(unexpected), list(mismatched)
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensor{'s' if len(missing) > 1 else ''}: {name_some(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensor{'s' if len(unexpected) > 1 else ''}: "
+                     f"{name_some(unexpected)}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} of the wrong shape: " + name_some(
+            f"{k} {tuple(a)} (the model needs {tuple(b)})" for k, a, b in mismatched))
+    if parts:
+        raise ModelError(f"the weights of {spec!r} do not match its config ({'; '.join(parts)}): "
+                         f"the checkpoint is incomplete or damaged{hint}")
+
+
+def check_loaded(spec: str, model, info: dict) -> None:
+    """Integrity of a model from ``from_pretrained(..., output_loading_info=True)``: no tensor
+    missing (transformers would have initialised it at random), none unexpected, none of the wrong
+    shape (tied weights and the model class's ignore patterns are already excluded by
+    transformers), then every parameter and buffer finite."""
+    check_complete(spec, info.get("missing_keys", ()), info.get("unexpected_keys", ()),
+                   info.get("mismatched_keys", ()))
+    if info.get("error_msgs"):
+        raise ModelError(f"cannot load the weights of {spec!r}: {first_line(info['error_msgs'][0])}")
+    check_finite(spec, [*model.named_parameters(), *model.named_buffers()])
+
+
 def _load_gguf(path: Path, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                           output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as e:  # gguf raises assorted errors on truncated/corrupt files
         raise ModelError(f"cannot read GGUF file {str(path)!r}: {first_line(e)}") from None
+    check_loaded(str(path), model, info)
     _strip_gguf_quantizer(model)
     return model, tok
 
@@ -170,9 +253,11 @@ def load_model(spec: str, dtype="auto", with_tokenizer: bool = True):
         model, tok = _load_gguf(Path(loc), dtype)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(loc, dtype=dtype)
+            model, info = AutoModelForCausalLM.from_pretrained(loc, dtype=dtype, output_loading_info=True,
+                                                               ignore_mismatched_sizes=True)
         except Exception as e:
             raise ModelError(f"cannot load the weights of {spec!r}: {first_line(e)}") from None
+        check_loaded(spec, model, info)  # before any work: nothing missing, extra or non-finite
         tok = None
         if with_tokenizer:
             try:

@@ -15,7 +15,9 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,7 +27,7 @@ from torch import nn
 
 from ..errors import ModelError, first_line
 from .layout import ModelLayout, layout_for
-from .loading import check_tokenizer_fits, resolve
+from .loading import CHUNK_ELEMENTS, check_complete, check_finite, check_tokenizer_fits, resolve
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,84 @@ class TensorStore:
         except Exception as e:
             raise ModelError(f"cannot load the weights of {str(self.folder)!r}: {first_line(e)}") from None
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of every tensor, from the files' headers (no tensor data is read); a tensor
+        the index names but its file does not hold is left out (then reported missing)."""
+        out: dict[str, tuple[int, ...]] = {}
+        by_file: dict[Path, list[str]] = {}
+        for key, f in self.where.items():
+            by_file.setdefault(f, []).append(key)
+        for f, keys in by_file.items():
+            try:
+                with safe_open(str(f), "pt") as h:
+                    held = set(h.keys())
+                    for key in keys:
+                        if key in held:
+                            out[key] = tuple(h.get_slice(key).get_shape())
+            except Exception as e:
+                raise ModelError(f"cannot read the weights of {str(self.folder)!r}: {first_line(e)}") from None
+        return out
+
+    def pieces(self, key: str, elements: int = CHUNK_ELEMENTS) -> Iterator[torch.Tensor]:
+        """Tensor ``key`` in pieces of whole rows of about ``elements`` values (one piece at a time
+        in memory, whatever the tensor's size)."""
+        try:
+            with safe_open(str(self.where[key]), "pt") as h:
+                sl = h.get_slice(key)
+                shape = sl.get_shape()
+                if len(shape) < 2:
+                    yield h.get_tensor(key)
+                    return
+                row = max(1, torch.Size(shape[1:]).numel())
+                step = max(1, elements // row)
+                for start in range(0, shape[0], step):
+                    yield sl[start:start + step]
+        except ModelError:
+            raise
+        except Exception as e:
+            raise ModelError(f"cannot load the weights of {str(self.folder)!r}: {first_line(e)}") from None
+
+    def scanned(self, keys) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, piece) for every piece of every tensor of ``keys``, read one at a time (for check_finite)."""
+        for key in keys:
+            for piece in self.pieces(key):
+                yield key, piece
+
+
+def _ignore_regex(patterns) -> re.Pattern | None:
+    patterns = set(patterns or ())
+    return re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
+
+
+def check_store(spec: str, store: TensorStore, model: nn.Module) -> None:
+    """Before any work: the checkpoint holds every tensor ``model`` (the full model, built on the meta
+    device) should have, with its shape, and nothing else (as transformers' loading allows: a tied
+    weight whose partner is stored, the class's ``_keys_to_ignore_on_load_missing/unexpected``
+    patterns, legacy rotary ``inv_freq`` and ``position_ids`` buffers); then every stored value is
+    finite, read one piece at a time."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = store.shapes()
+    aliases: dict[int, list[str]] = {}  # tied parameters: one Parameter under several names
+    for name, prm in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(prm), []).append(name)
+    stored_alias = {n for names in aliases.values() if any(m in shapes for m in names) for n in names}
+    skip_missing = _ignore_regex(getattr(model, "_keys_to_ignore_on_load_missing", None))
+    unexpected_patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    buffers = [n for n, _ in model.named_buffers()]
+    if any(n.endswith("rotary_emb.inv_freq") for n in buffers):
+        unexpected_patterns.add(r"rotary_emb\.inv_freq")
+    if any(n.endswith("position_ids") for n in buffers):
+        unexpected_patterns.add(r"(^|\.)position_ids$")
+    skip_unexpected = _ignore_regex(unexpected_patterns)
+    missing = {k for k in expected if k not in shapes and k not in stored_alias
+               and not (skip_missing and skip_missing.search(k))}
+    unexpected = {k for k in store.where if k not in expected and not (skip_unexpected and skip_unexpected.search(k))}
+    mismatched = [(k, shapes[k], expected[k]) for k in expected if k in shapes and shapes[k] != expected[k]]
+    check_complete(spec, missing, unexpected, mismatched,
+                   hint=" (--low-memory reads tensors under the model's own names; without it, transformers "
+                        "may rename or fuse some at load)" if missing or unexpected else "")
+    check_finite(spec, store.scanned(sorted(k for k in expected if k in shapes)))
+
 
 def _one_block_config(config):
     cfg = copy.deepcopy(config)
@@ -96,6 +176,11 @@ class StreamedModel:
         self.dtype = resolve_dtype(dtype, self.config)  # storage: the checkpoint's own, by default
         self.store = TensorStore(loc)
         self.n_blocks = int(self.config.num_hidden_layers)
+        # every block's own structure, at no memory cost; the shell runs all of them (as the
+        # engine's recorders) with the full config, so each block gets its own arguments
+        with torch.device("meta"):
+            full = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        check_store(spec, self.store, full)  # before any work: every tensor there, none extra, all finite
         self.model = AutoModelForCausalLM.from_config(_one_block_config(self.config), dtype=self.dtype)
         self.model.eval().requires_grad_(False)
         self.model.config.use_cache = False
@@ -104,25 +189,19 @@ class StreamedModel:
         shell = {k: v for k, v in self.model.state_dict().items() if not k.startswith(self.prefix)}
         tied = getattr(self.config, "tie_word_embeddings", False)
         for key, t in shell.items():
-            if key not in self.store.where and tied and key.endswith("lm_head.weight"):
-                continue  # tied to the embedding, restored by tie_weights below
+            if key not in self.store.where:
+                continue  # tied to a stored tensor (restored by tie_weights below) or allowed absent (check_store)
             t.copy_(self.store.get(key))  # (copy_ casts to the shell's dtype)
         if tied:
             self.model.tie_weights()
         self.template = self.layout.blocks(self.model)[0]
         self.fill(0, self.template)
-        # every block's own structure, at no memory cost; the shell runs all of them (as the
-        # engine's recorders) with the full config, so each block gets its own arguments
-        with torch.device("meta"):
-            full = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
         self.structures = layout_for(full).blocks(full)
         parent, _, attr = self.layout.blocks_path.rpartition(".")
         setattr(self.model.get_submodule(parent) if parent else self.model, attr,
                 nn.ModuleList([self.template, *list(self.structures)[1:]]))
-        for i, blk in enumerate(self.structures):  # every block's tensors are there, before any work
-            for name, _ in blk.named_parameters():
-                if f"{self.prefix}{i}.{name}" not in self.store.where:
-                    self.store.get(f"{self.prefix}{i}.{name}")  # raises, naming it
+        # what the checkpoint does not hold but the construction computed (e.g. rotary inv_freq)
+        check_finite(spec, self.model.named_buffers())
         self.model.config.num_hidden_layers = self.n_blocks
         if isinstance(getattr(self.config, "layer_types", None), list):
             self.model.config.layer_types = list(self.config.layer_types)
