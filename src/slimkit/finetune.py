@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -25,6 +26,22 @@ from .ops.lowrank import absmax_quantize
 log = logging.getLogger(__name__)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    """A finite int or float (not a bool, not NaN or infinite)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _hint(v) -> str:
+    """Why a number in exponent notation without a dot came out of YAML as a string."""
+    if isinstance(v, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", v.strip()):
+        return f" (YAML reads {v} without a dot as a string: write e.g. 1.0e-4)"
+    return ""
+
+
 @dataclass
 class FinetuneConfig:
     steps: int = 64
@@ -35,11 +52,21 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self):
+        """Every field checked here, at recipe load, not when training starts after compression:
+        integers are not bools, numbers are finite."""
         require_positive_ints(self, ("steps", "batch_size"), prefix="finetune.")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
+        if not _is_int(self.warmup) or self.warmup < 0:
             raise RecipeError(f"finetune.warmup must be a non-negative integer, got {self.warmup!r}")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
-            raise RecipeError(f"finetune.lr must be in (0, 1), got {self.lr!r}")
+        for key in ("steps", "batch_size", "warmup"):
+            if getattr(self, key) >= 2**31:
+                raise RecipeError(f"finetune.{key} must be below 2**31, got {getattr(self, key)!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**64:
+            raise RecipeError(f"finetune.seed must be a non-negative integer (below 2**64), got {self.seed!r}")
+        if not (_is_number(self.lr) and 0 < self.lr < 1):
+            raise RecipeError(f"finetune.lr must be a number in (0, 1), got {self.lr!r}{_hint(self.lr)}")
+        if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
+            raise RecipeError(f"finetune.weight_decay must be a finite number >= 0, got {self.weight_decay!r}"
+                              f"{_hint(self.weight_decay)}")
 
     @classmethod
     def from_dict(cls, d) -> "FinetuneConfig":

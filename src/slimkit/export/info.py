@@ -1,14 +1,13 @@
 """`slimkit info`: what a folder stores, bits per weight by part, size on disk vs fp16."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from safetensors import safe_open
 
 from ..pack.native import MANIFEST_FILE, TENSORS_FILE, read_manifest
-from ..pack.source import PackError, first_line
+from ..pack.source import PackError, first_line, read_meta
 from ..state_io import META_FILE
 
 PARTS = ("weights", "mask", "scales", "zeros", "adapters", "metadata")
@@ -55,17 +54,14 @@ def folder_info(directory: str | Path) -> dict:
                     fp16_compressed_bytes=params * 2, fp16_total_bytes=(params + dense_params) * 2)
         info["bits_per_weight"]["total"] = sum(parts.values()) / params if params else 0.0
     elif (d / META_FILE).is_file():
-        try:
-            meta = json.loads((d / META_FILE).read_text())
-        except json.JSONDecodeError as e:
-            raise PackError(f"{str(d / META_FILE)!r} is corrupt: {e.msg}") from None
+        meta = read_meta(d)  # validated: one PackError naming the file and the problem
         parts: dict[str, int] = {}
         params = 0
-        for lm in meta.get("layers", {}).values():
+        for lm in meta["layers"].values():
             params += lm["shape"][0] * lm["shape"][1]
             for k, v in lm.get("bits", {}).items():
                 parts[k] = parts.get(k, 0) + v
-        info.update(kind="slimkit fake-quantized (dense fp32 weights + state)", layers=len(meta.get("layers", {})),
+        info.update(kind="slimkit fake-quantized (dense fp32 weights + state)", layers=len(meta["layers"]),
                     compressed_params=params,
                     nominal_bits_per_weight={k: v / params for k, v in parts.items() if v} if params else {},
                     fp16_compressed_bytes=params * 2)

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from .bitpack import pack_bits, unpack_bits
-from .source import LayerRecord, PackError, SlimkitFolder, expand_groups, first_line
+from .source import LayerRecord, PackError, SlimkitFolder, expand_groups, first_line, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -407,16 +407,41 @@ def read_manifest(directory: str | Path) -> dict:
     path = d / MANIFEST_FILE
     if not path.is_file():
         raise PackError(f"{str(d)!r} is not a slimkit packed folder (no {MANIFEST_FILE})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PackError(f"{str(path)!r} is corrupt: {first_line(e)}") from None
+    manifest = read_json_file(path, "a manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PackError(f"{str(path)!r} is not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") != VERSION or isinstance(manifest.get("version"), bool):
         raise PackError(f"{str(path)!r} has format version {manifest.get('version')!r}; this slimkit "
                         f"({__version__}) reads version {VERSION}")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise PackError(f"{str(path)!r} is corrupt: {problem}")
     return manifest
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What is wrong with the structure of a manifest that `info` and the readers rely on, else None."""
+    def strmap(v):
+        return isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+    for key, test, want in (("layers", lambda v: isinstance(v, dict), "an object"), ("dense", strmap, "an object of dtypes"),
+                            ("dtypes", strmap, "an object of dtypes"), ("files", lambda v: isinstance(v, dict), "an object")):
+        if key not in m:
+            return f"it has no {key!r}"
+        if not test(m[key]):
+            return f"{key!r} must be {want}"
+    for name, info in m["files"].items():
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
+            return f"files: {name!r} needs 'bytes' and 'sha256'"
+    for name, e in m["layers"].items():
+        ok = isinstance(e, dict) and isinstance(e.get("encoding"), str) and isinstance(e.get("meta"), dict) \
+            and isinstance(e["meta"].get("grid", ""), str) \
+            and isinstance(e.get("shape"), list) and len(e["shape"]) == 2 \
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in e["shape"]) \
+            and isinstance(e.get("parts"), dict) \
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in e["parts"].values())
+        if not ok:
+            return f"layer {name!r} needs 'encoding', 'meta' (a 'grid' string), a 'shape' [out, in] and 'parts' bit counts"
+    return None
 
 
 def read_native(directory: str | Path, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -3,19 +3,212 @@ as per-Linear records that every exporter builds from."""
 from __future__ import annotations
 
 import json
+import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from .. import __version__
 from ..errors import SlimkitError, first_line  # noqa: F401 (pack modules import it from here)
 from ..ops.quant import group_slices
-from ..state_io import META_FILE, load_state
+from ..state_io import META_FILE, STATE_FILE, STATE_INDEX, load_state
 
 
 class PackError(SlimkitError):
     """A packed or exported folder is missing, corrupt, truncated or of an unknown version."""
+
+
+META_FORMAT, META_VERSION = "slimkit-fakequant", 1  # what `slimkit compress` writes in slimkit.json
+MAX_JSON_BYTES = 256 << 20  # slimkit.json / an index: a few hundred bytes per layer
+SAFETENSORS_HEADER_MAX = 100 << 20  # the safetensors library's own limit on a header
+
+
+def read_json_file(path: Path, what: str = "") -> object:
+    """The JSON value of the regular file ``path`` (at most MAX_JSON_BYTES); PackError
+    "'path' is corrupt: ..." when it is not one."""
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise PackError(f"{str(path)!r} is not a regular file")
+        if size > MAX_JSON_BYTES:
+            raise PackError(f"{str(path)!r} is corrupt: {size} bytes, more than {what or 'such a file'} ever holds")
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+        return json.loads(data.decode("utf-8"))
+    except FileNotFoundError:
+        raise PackError(f"{str(path)!r} is missing") from None
+    except OSError as e:
+        raise PackError(f"cannot read {str(path)!r}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise PackError(f"{str(path)!r} is corrupt: not JSON ({first_line(e)})") from None
+
+
+def _int(v, lo: int = 1, hi: int | None = None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _check_fields(obj, spec: dict, where: str, required=()) -> str | None:
+    """What is wrong with the JSON object ``obj`` against ``spec`` (key -> (test, wanted)), else None."""
+    if not isinstance(obj, dict):
+        return f"{where} is a {type(obj).__name__}, not an object"
+    for key in required:
+        if key not in obj:
+            return f"{where or 'it'} has no {key!r}"
+    for key, (test, want) in spec.items():
+        if key in obj and not test(obj[key]):
+            return f"{where + ': ' if where else ''}{key!r} must be {want}, got {obj[key]!r}"
+    return None
+
+
+_OPT_STR = (lambda v: isinstance(v, str), "a string")
+_LAYER = {
+    "shape": (lambda v: isinstance(v, list) and len(v) == 2 and all(_int(x) for x in v), "[out, in] positive integers"),
+    "grid": _OPT_STR,
+    "sparsity": _OPT_STR,
+    "bits": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _number(x) for k, x in v.items()),
+             "an object of bit counts"),
+    "quant": (lambda v: isinstance(v, dict), "an object"),
+    "adapters": (lambda v: isinstance(v, dict), "an object"),
+    "vq": (lambda v: isinstance(v, dict), "an object"),
+}
+_QUANT = {
+    "bits": (lambda v: _int(v, 1, 16), "an integer from 1 to 16"),
+    "group_size": (lambda v: v is None or _int(v), "a positive integer or null"),
+    "symmetric": (lambda v: isinstance(v, bool), "true or false"),
+    "per_tensor": (lambda v: isinstance(v, bool), "true or false"),
+}
+_ADAPTERS = {
+    "rank": (lambda v: _int(v, 0), "a non-negative integer"),
+    "bits": (lambda v: v is None or _int(v, 1, 16), "an integer from 1 to 16 or null"),
+    "group": (lambda v: _int(v), "a positive integer"),
+}
+_VQ = {key: (lambda v: _int(v), "a positive integer") for key in ("d", "code_bits", "block", "scale_group")}
+_HEADER = {
+    "slimkit_version": _OPT_STR, "source_model": _OPT_STR, "model_type": _OPT_STR,
+    "recipe": (lambda v: isinstance(v, dict), "an object"),
+    "layers": (lambda v: isinstance(v, dict), "an object (layer name -> its record)"),
+}
+
+
+def _safetensors_header(path: Path) -> dict:
+    """The header of a safetensors file, after checking that the file holds every byte it
+    describes (a truncated or overwritten file is a one-line PackError, not a crash later)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 2 <= n <= min(SAFETENSORS_HEADER_MAX, size - 8):
+                raise PackError(f"{str(path)!r} is corrupt: no safetensors header in its {size} bytes (truncated?)")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except FileNotFoundError:
+        raise PackError(f"{str(path)!r} is missing") from None
+    except OSError as e:
+        raise PackError(f"cannot read {str(path)!r}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PackError(f"{str(path)!r} is corrupt: its safetensors header is not JSON ({first_line(e)})") from None
+    if not isinstance(header, dict):
+        raise PackError(f"{str(path)!r} is corrupt: its safetensors header is not an object")
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_int(x, 0) for x in offsets)
+                and isinstance(entry.get("shape"), list)):
+            raise PackError(f"{str(path)!r} is corrupt: bad safetensors entry {key!r}")
+        end = max(end, offsets[1])
+    if size != 8 + n + end:
+        raise PackError(f"{str(path)!r} is corrupt: {size} bytes, its header describes {8 + n + end} (truncated?)")
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def _state_shapes(d: Path) -> dict[str, list[int]]:
+    """Shapes of every tensor of a folder's slimkit_state (one file or shards named by its index),
+    with every file checked present and complete."""
+    if (d / STATE_FILE).exists() or not (d / STATE_INDEX).exists():
+        files, by = [STATE_FILE], d / META_FILE
+    else:
+        by = d / STATE_INDEX
+        index = read_json_file(d / STATE_INDEX, "an index")
+        wm = index.get("weight_map") if isinstance(index, dict) else None
+        if not (isinstance(wm, dict) and all(isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v
+                                             for k, v in wm.items())):
+            raise PackError(f"{str(d / STATE_INDEX)!r} is corrupt: it needs a 'weight_map' of tensor -> file name")
+        files = sorted(set(wm.values()))
+    shapes = {}
+    for name in files:
+        if not (d / name).is_file():
+            raise PackError(f"{str(d / name)!r} is missing (the state that {str(by)!r} refers to)")
+        shapes.update({k: v["shape"] for k, v in _safetensors_header(d / name).items()})
+    return shapes
+
+
+def read_meta(directory: str | Path) -> dict:
+    """The validated slimkit.json of a slimkit output folder (format, version, one record per
+    layer, each with what the exporters read), after checking that slimkit_state holds the
+    tensors it lists in full. Every problem is one PackError naming the file and what is wrong."""
+    d = Path(directory)
+    path = d / META_FILE
+    if not path.is_file():
+        raise PackError(f"{str(d)!r} is not a slimkit output folder (no {META_FILE} / {STATE_FILE})")
+    meta = read_json_file(path, "a slimkit.json")
+    if not isinstance(meta, dict):
+        raise PackError(f"{str(path)!r} is corrupt: it holds a JSON {type(meta).__name__}, not an object")
+    if "format" not in meta or "version" not in meta:
+        raise PackError(f"{str(path)!r} is corrupt: it has no 'format' and 'version'")
+    if meta["format"] != META_FORMAT:
+        raise PackError(f"{str(path)!r} has format {meta['format']!r}; this slimkit reads {META_FORMAT!r}")
+    if not _int(meta["version"], META_VERSION, META_VERSION):
+        raise PackError(f"{str(path)!r} has format version {meta['version']!r}; this slimkit ({__version__}) "
+                        f"reads version {META_VERSION}")
+    problem = _check_fields(meta, _HEADER, "", required=("layers",))
+    for name, lm in (meta["layers"].items() if problem is None else ()):
+        where = f"layer {name!r}"
+        problem = _check_fields(lm, _LAYER, where, required=("shape",)) \
+            or ("quant" in lm and _check_fields(lm["quant"], _QUANT, f"{where} quant", required=("bits",))) \
+            or ("adapters" in lm and _check_fields(lm["adapters"], _ADAPTERS, f"{where} adapters")) \
+            or ("vq" in lm and _check_fields(lm["vq"], _VQ, f"{where} vq", required=tuple(_VQ))) or None
+        if problem:
+            break
+    if problem:
+        raise PackError(f"{str(path)!r} is corrupt: {problem}")
+    _check_state(d, meta["layers"])
+    return meta
+
+
+def _check_state(d: Path, layers: dict) -> None:
+    """PackError when slimkit_state lacks a tensor that slimkit.json's records need, or holds it
+    in a shape that does not fit the layer."""
+    shapes = _state_shapes(d)
+    for name, lm in layers.items():
+        out, k = lm["shape"]
+        need = {}
+        if "quant" in lm:
+            need |= {"codes": [out, k], "scale": None, "zero": None}
+        if "sparsity" in lm:
+            need["mask"] = [out, k]
+        if "adapters" in lm:
+            need |= {"L": None, "R": None}
+        for key, shape in need.items():
+            got = shapes.get(f"{name}.{key}")
+            if got is None:
+                raise PackError(f"{str(d / META_FILE)!r} records layer {name!r}, but the state has no "
+                                f"tensor {name + '.' + key!r}")
+            if shape is not None and got != shape:
+                raise PackError(f"{str(d / META_FILE)!r} records layer {name!r} as {shape}, but its state's "
+                                f"{key} has shape {got}")
+        if "adapters" in lm:
+            L, R = shapes[f"{name}.L"], shapes[f"{name}.R"]
+            if len(L) != 2 or len(R) != 2 or L[0] != k or R[1] != out or L[1] != R[0]:
+                raise PackError(f"{name}: adapters of shapes {L} and {R} do not fit a [{out}, {k}] layer")
 
 
 def expand_groups(params: torch.Tensor, in_features: int, group_size: int | None) -> torch.Tensor:
@@ -100,7 +293,8 @@ class SlimkitFolder:
         self.dir = Path(directory)
         if not (self.dir / "config.json").is_file():
             raise PackError(f"{str(self.dir)!r} is not a model folder (no config.json)")
-        tensors, self.header = load_state(self.dir)
+        self.header = read_meta(self.dir)  # validated, and the state checked complete
+        tensors, _ = load_state(self.dir)
         self.layer_meta: dict[str, dict] = self.header.get("layers", {})
         self._state = tensors
         self.model_tensors = read_model_tensors(self.dir)
@@ -116,6 +310,9 @@ class SlimkitFolder:
         if key not in self.model_tensors:
             raise PackError(f"{str(self.dir)!r}: the model has no tensor {key!r} recorded in {META_FILE}")
         eff = self.model_tensors[key]
+        if eff.dim() == 2 and list(eff.shape) != self.layer_meta[name]["shape"]:
+            raise PackError(f"{str(self.dir)!r}: the model's {key!r} has shape {list(eff.shape)}, {META_FILE} "
+                            f"says {self.layer_meta[name]['shape']}")
         known = {"codes", "scale", "zero", "mask", "L", "R", "weight"}
         return LayerRecord(name, self.layer_meta[name], t, eff, self.model_tensors.get(prefix + "bias"),
                            extras=sorted(set(t) - known))
