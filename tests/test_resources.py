@@ -168,3 +168,17 @@ def test_output_files_follow_the_umask(tiny_llama, text_file, tmp_path):
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert modes and all(m == 0o644 for m in modes.values()), modes
     assert out.stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("spec,words", [("someone/some-model", ["cannot be reached"]),
+                                        ("models/sub/llama", ["does not exist"]),
+                                        ("my model", ["does not exist"])])
+def test_unreachable_hub_and_missing_paths_are_one_quick_line(text_file, tmp_path, spec, words):
+    """Offline, a hub id is refused at once (the hub asked once, no retries); a name that cannot be a
+    hub id is a missing path."""
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9")  # a closed port: unreachable on any machine
+    t = time.time()
+    r = _cli(*_args(spec, tmp_path / "out", text_file), env=env)
+    _one_line(r, repr(spec), *words)
+    assert time.time() - t < 30
+    assert list(tmp_path.iterdir()) == []

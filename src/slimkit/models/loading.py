@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -182,9 +183,48 @@ def resolve(spec: str) -> tuple[str, str]:
         if p.suffix == ".gguf":
             return "gguf", str(p)
         raise ModelError(f"{spec!r} is neither a model folder nor a .gguf file")
-    if _looks_like_path(spec):
+    if _looks_like_path(spec) or not _HUB_ID.fullmatch(spec):
         raise ModelError(f"model path {spec!r} does not exist")
+    if not hub_reachable() and not _in_hub_cache(spec):
+        raise ModelError(f"{spec!r} is not a local folder or .gguf file, and the Hugging Face hub "
+                         f"({_hub_endpoint()}) cannot be reached from here to fetch it")
     return "hub", spec
+
+
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_reachable: dict[str, bool] = {}
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers a TCP connection, asked once per process (HF_HUB_OFFLINE=1: no),
+    so that an offline machine gets one line at once instead of minutes of retries."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlsplit(_hub_endpoint())
+    if url.geturl() not in _reachable:
+        try:
+            with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                          timeout=timeout):
+                _reachable[url.geturl()] = True
+        except OSError:
+            _reachable[url.geturl()] = False
+    return _reachable[url.geturl()]
+
+
+def _in_hub_cache(spec: str) -> bool:
+    """Whether the hub model's config is in the local Hugging Face cache (usable offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except Exception:
+        return False
 
 
 def load_tokenizer(spec: str):
