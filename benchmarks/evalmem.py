@@ -4,7 +4,7 @@
     python benchmarks/evalmem.py --fresh         # recompute everything
     python benchmarks/evalmem.py --before REV    # the code to compare with (default: f1d1f09)
 
-The default model, rtn-w4-g64 (128 x 512 calibration), evaluating 32,768 tokens (64 windows of 512)
+The default model, rtn-w4-g64 (data-free: 8 of the 128 x 512 calibration sequences measure errors), evaluating 32,768 tokens (64 windows of 512)
 with a --reference-cache, in fresh processes one after another:
 
 - compression alone (--no-eval): the compression's own peak RSS, the figure to stay near;
@@ -96,6 +96,8 @@ def main():
     b1 = run("before-1", [], src=src, cache="cache-before", fresh=fresh_before)
     b2 = run("before-2", [], src=src, cache="cache-before", fresh=fresh_before)
     shutil.rmtree(HERE / "cache-before", ignore_errors=True)  # 6 GB
+    subprocess.run(["git", "worktree", "remove", "--force", str(HERE / f"src-{a.before}")], cwd=ROOT,
+                   capture_output=True)
     fresh_after = a.fresh or not (REPORTS / "evalmem-after-1.json").is_file()
     if fresh_after:
         shutil.rmtree(HERE / "cache-after", ignore_errors=True)
@@ -113,7 +115,8 @@ def main():
     ok_cache = a1["cache_bytes"] <= 320e6 and a1["cache_bytes"] * 20 <= b1["cache_bytes"]
     lines = [
         f"Evaluating {a1['tokens']:,} predicted tokens ({TOKENS // 512} windows of 512) of the default model "
-        "after rtn-w4-g64 (128 x 512 calibration), with `--reference-cache`, each run a fresh process, one "
+        "after rtn-w4-g64 (data-free: of `--nsamples 128 --seqlen 512` it uses 8 sequences, to measure errors), "
+        "with `--reference-cache`, each run a fresh process, one "
         f"after another on an idle machine ({machine()}). Compression alone (`--no-eval`) peaks at "
         f"**{alone['peak_rss_compress_mb']:.0f} MiB** RSS.",
         "",
