@@ -210,15 +210,6 @@ def snapshot(folder: Path) -> list:
                   for p in folder.rglob("*"))
 
 
-@pytest.fixture(scope="module")
-def compressed(tiny_llama, text_file, tmp_path_factory):
-    from slimkit.api import compress as run_compress
-    out = tmp_path_factory.mktemp("compressed") / "out"
-    run_compress(str(tiny_llama), "rtn-w4-g64", out, calib=str(text_file), nsamples=4, seqlen=32,
-                 eval_data=None, progress=False)
-    return out
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_matrix(case, request, tiny_llama, text_file, tmp_path, monkeypatch, capsys, caplog):
     compressed = request.getfixturevalue("compressed") if case.startswith("export") else None

@@ -297,15 +297,6 @@ def test_small_files_and_the_builtin_corpus_read_as_before(tiny_llama, text_file
 
 # ---------------------------------------------------------------- 4. malformed slimkit.json / state
 
-@pytest.fixture(scope="module")
-def compressed(tiny_llama, text_file, tmp_path_factory):
-    from slimkit.api import compress as run_compress
-    out = tmp_path_factory.mktemp("compressed") / "out"
-    run_compress(str(tiny_llama), "rtn-w4-g64", out, calib=str(text_file), nsamples=4, seqlen=32,
-                 eval_data=None, progress=False)
-    return out
-
-
 def meta_edit(fn):
     def edit(d):
         path = d / "slimkit.json"

@@ -268,3 +268,27 @@ def test_default_model_head_moment_equals_full_kl(tmp_path):
     # perplexity: the head-moment path sums logsumexp in fp64, the paired one takes fp32 log_softmax
     # over 49,152 logits; they differ by ~1e-5 relative
     assert abs(exact.ppl - ev["ppl"]) <= 2e-5 * exact.ppl and abs(exact.ref_ppl - ev["ref_ppl"]) <= 2e-5 * exact.ref_ppl
+
+
+def test_narrow_logits_use_the_exact_fp32_head():
+    """A model computing in bf16 (as on CUDA) rounds its logits; the head-moment KL then uses the fp32
+    logits of the head's input, and equals the full-vocabulary KL of those logits."""
+    import torch.nn.functional as F
+
+    dense, model = _pair(tiny_config("llama"))
+    dense, model = dense.to(torch.bfloat16), model.to(torch.bfloat16)
+    w = _windows(n=2, s=24)
+    ref = dense_reference(dense, w, linear_head(model), progress=False)
+    fast = evaluate(model, w, ref, progress=False)
+
+    def logp32(m):
+        seen = {}
+        h = m.get_output_embeddings().register_forward_hook(lambda mod, a, o: seen.setdefault("h", a[0]))
+        with torch.no_grad():
+            m(input_ids=w, use_cache=False)
+        h.remove()
+        head = m.get_output_embeddings()
+        return F.log_softmax(F.linear(seen["h"][:, :-1].float(), head.weight.float()), -1)
+    p, q = logp32(dense), logp32(model)
+    exact = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert exact > 1e-3 and abs(fast.kl - exact) <= 1e-4 * exact, (fast.kl, exact)

@@ -182,3 +182,32 @@ def test_unreachable_hub_and_missing_paths_are_one_quick_line(text_file, tmp_pat
     _one_line(r, repr(spec), *words)
     assert time.time() - t < 30
     assert list(tmp_path.iterdir()) == []
+
+
+def test_partial_folder_lock_states(tmp_path):
+    """The partial folder's lock, state by state: held by a live run (refused), left by a dead run
+    (its leftovers cleared, the lock taken), a folder without a lock file (being created: refused);
+    the finished output holds no lock file."""
+    import fcntl
+
+    from slimkit.api import LOCK, atomic_dir, partial_dir
+    from slimkit.errors import SlimkitError
+    out = tmp_path / "out"
+    tmp = partial_dir(out)
+    tmp.mkdir()
+    (tmp / "junk").write_text("x")
+    fd = os.open(tmp / LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a live run (another open file description: flock conflicts)
+    with pytest.raises(SlimkitError, match="another slimkit run"):
+        with atomic_dir(out):
+            pass
+    assert (tmp / "junk").exists()
+    os.close(fd)  # the run died
+    with atomic_dir(out) as t:
+        assert t == tmp and not (t / "junk").exists()
+        (t / "a").write_text("done")
+    assert sorted(p.name for p in out.iterdir()) == ["a"] and not tmp.exists()
+    tmp.mkdir()  # created by another run that has not taken its lock yet
+    with pytest.raises(SlimkitError, match="another slimkit run"):
+        with atomic_dir(tmp_path / "out"):
+            pass

@@ -63,13 +63,19 @@ LOCK = ".lock"  # inside the partial folder: held (flock) for the whole run, rel
 
 def _lock(tmp: Path, out: Path) -> int:
     """Take the partial folder's exclusive lock, or refuse: another process is writing ``out``."""
-    fd = os.open(tmp / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    refusal = SlimkitError(f"another slimkit run is writing {str(out)!r} now (its temporary folder "
+                           f"{str(tmp)!r} is locked); wait for it or stop it")
+    try:
+        fd = os.open(tmp / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        raise refusal from None  # the folder went away meanwhile
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(tmp / LOCK).st_ino:  # deleted and re-created meanwhile
+            raise OSError
     except OSError:
         os.close(fd)
-        raise SlimkitError(f"another slimkit run is writing {str(out)!r} now (its temporary folder "
-                           f"{str(tmp)!r} is locked); wait for it or stop it") from None
+        raise refusal from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
@@ -135,15 +141,15 @@ def atomic_dir(out: Path, *, reuse: bool = False, keep=None):
             try:
                 tmp.mkdir()
             except FileExistsError:
-                if partial_in_use(tmp) or not (tmp / LOCK).is_file():  # live, or being created right now
+                if not (tmp / LOCK).is_file():  # being created right now, or left by an old version
                     raise SlimkitError(f"another slimkit run is writing {str(out)!r} (its temporary folder "
                                        f"{str(tmp)!r} exists); if none is, delete that folder") from None
-                shutil.rmtree(tmp, ignore_errors=True)  # a dead run's (callers that can resume check first)
-                try:
-                    tmp.mkdir()
-                except FileExistsError:
-                    raise SlimkitError(f"another slimkit run is writing {str(out)!r} now") from None
-            fd = _lock(tmp, out)
+                fd = _lock(tmp, out)  # refused while a live run holds it
+                for child in tmp.iterdir():  # a dead run's leftovers (callers that resume check first)
+                    if child.name != LOCK:
+                        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            if fd is None:
+                fd = _lock(tmp, out)
     except BaseException:
         for p in created:
             with contextlib.suppress(OSError):
@@ -153,9 +159,9 @@ def atomic_dir(out: Path, *, reuse: bool = False, keep=None):
         yield tmp
         if out.exists():
             out.rmdir()  # empty, checked before
-        (tmp / LOCK).unlink(missing_ok=True)
         _apply_umask(tmp)
-        os.replace(tmp, out)
+        os.replace(tmp, out)  # the lock goes along (still held): a --resume in between finds no partial
+        (out / LOCK).unlink(missing_ok=True)
     except BaseException as e:
         disk_full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) \
             or "No space left on device" in str(e)  # e.g. from safetensors' own writer
@@ -199,7 +205,8 @@ def check_positions(config, seqlen: int) -> None:
 
 
 def check_resources(model, *, nsamples: int, seqlen: int, out: Path, placement: Placement,
-                    offload_activations: bool, eval_tokens: int | None, blocks=None) -> None:
+                    offload_activations: bool, eval_tokens: int | None, blocks=None,
+                    partial: Path | None = None) -> None:
     """Refuse, before any work, a run that cannot fit: calibration activations against the memory
     available (or, offloaded, against the disk), the output against the free disk space."""
     hidden = model.get_input_embeddings().weight.shape[1]
@@ -212,9 +219,11 @@ def check_resources(model, *, nsamples: int, seqlen: int, out: Path, placement: 
         params += (len(blocks) - built) * sum(p.numel() for p in layout_for(model).blocks(model)[0].parameters())
     stored = params * torch.empty((), dtype=placement.storage).element_size()
     # the output model, its state records (codes, masks, adapters: at most half of it again), the
-    # checkpoint's next-block inputs, offloaded activations, the dense evaluation summary
-    disk = int(1.5 * stored) + nsamples * seqlen * hidden * 4 + (acts if offload_activations else 0) \
-        + (eval_tokens or 0) * (hidden + 2) * 8
+    # checkpoint (every compressed block and the next block's inputs: until the output is saved),
+    # offloaded activations, the dense evaluation summary; less what a resumed run holds already
+    already = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if partial and partial.is_dir() else 0
+    disk = int(2.5 * stored) + nsamples * seqlen * hidden * 4 + (acts if offload_activations else 0) \
+        + (eval_tokens or 0) * (hidden + 2) * 8 - already
     avail = _available_memory()
     size = f"{nsamples} x {seqlen} calibration tokens (hidden size {hidden})"
     if avail is not None and placement.device.type == "cpu" and not offload_activations and acts + ids > avail:
@@ -301,7 +310,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
     check_positions(m.config, seqlen)
     check_resources(m, nsamples=nsamples, seqlen=seqlen, out=out_path, placement=placement,
                     offload_activations=offload_activations, eval_tokens=eval_tokens if eval_data else None,
-                    blocks=source if streamed is not None else None)
+                    blocks=source if streamed is not None else None, partial=partial if resume else None)
     if given_ids is not None:
         vocab = m.get_input_embeddings().weight.shape[0]
         if int(given_ids.max()) >= vocab or int(given_ids.min()) < 0:
@@ -311,10 +320,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
         ids = calibration_ids(calib, tok, nsamples, seqlen, seed)
     windows = evaluation_ids(eval_data, tok, seqlen, eval_tokens) if eval_data else None
     t_load = time.perf_counter() - t0
-    reference = None  # the dense model's summary for the KL, made before any block changes
-    if windows is not None and dist.rank() == 0:
-        reference = dense_reference_for(model, windows, resident=None if streamed is not None else m,
-                                        reference_cache=reference_cache, placement=placement, progress=progress)
+    if windows is not None and reference_cache:
+        ReferenceCache(reference_cache, "").check_location()
 
     if dist.rank() != 0:  # a helper worker: statistics of its share, collectives; worker 0 writes
         compress_model(m, layout, rec, ids, batch_size=batch_size, progress=False, placement=placement)
@@ -330,6 +337,10 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
     ckpt = None if dist.active() else Checkpoint(partial / "checkpoint", fingerprint)
     with atomic_dir(out_path, reuse=resume, keep=ckpt.keep_message if ckpt else None) as tmp:
         resumed_from = ckpt.open(resume) if ckpt else 0
+        reference = None  # the dense model's summary for the KL: made here, before any block changes
+        if windows is not None:
+            reference = dense_reference_for(model, windows, resident=None if streamed is not None else m,
+                                            reference_cache=reference_cache, placement=placement, progress=progress)
         records.directory = tmp
         result = compress_model(m, layout, rec, ids, batch_size=batch_size, progress=progress,
                                 on_layer=records.on_layer, checkpoint=ckpt, on_block=records.on_block,
@@ -430,7 +441,9 @@ def dense_reference_for(dense_spec: str, windows: torch.Tensor, *, resident=None
     ``reference_cache`` when it holds it; computed with ``resident`` (the dense model, before any
     block is compressed) or else with ``dense_spec`` loaded for the duration. None when the
     model's logits are not a plain linear head: its evaluation then runs paired."""
-    cache = ReferenceCache(reference_cache, windows_key(windows, resolve(dense_spec)[1])) if reference_cache else None
+    storage = placement.storage if placement else None  # the head's digest depends on it: so does the key
+    cache = ReferenceCache(reference_cache, windows_key(windows, f"{resolve(dense_spec)[1]}:{storage}")) \
+        if reference_cache else None
     if cache is not None:
         cache.check_location()
     dense = resident if resident is not None else \

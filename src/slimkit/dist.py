@@ -9,6 +9,7 @@ Only worker 0 writes the output and evaluates. Backend: gloo on CPU, nccl when C
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -32,7 +33,15 @@ def setup() -> None:
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     # compression of a block can take long on one worker while the others wait in a collective
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=6))
+    # leave the group before the interpreter exits: a gloo group torn down by exit aborts the
+    # process ("terminate called without an active exception", SIGABRT) now and then
+    atexit.register(_leave)
     log.info("worker %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def active() -> bool:

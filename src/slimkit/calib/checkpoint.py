@@ -155,8 +155,8 @@ class Checkpoint:
                 self._refuse(f"checkpoint file {name} was changed or truncated since it was written")
 
     def keep_message(self, exc: BaseException) -> str | None:
-        """After a failure: None to remove the folder (nothing committed, or NaN/Inf or any other
-        refusal, which a rerun would meet again; bad input is refused before the first commit), "" to keep it silently
+        """After a failure: None to remove the folder (nothing committed, or NaN/Inf, which a rerun
+        would meet again; bad input is refused before the first commit), "" to keep it silently
         (another run's progress, or a damaged checkpoint: refused, the error says what to do), or a
         hint to keep it for --resume (a kill, Ctrl-C, a crash, a failure after the last block)."""
         if not (self.dir / PROGRESS).is_file():
@@ -167,8 +167,6 @@ class Checkpoint:
             return None
         if isinstance(exc, ResumeError):  # a damaged checkpoint: kept for the user, whom the error tells what to do
             return ""
-        if isinstance(exc, SlimkitError):  # refused input met during the run: a resume would meet it again
-            return None
         return f"progress kept in {self.dir.parent}: rerun the same command with --resume to continue"
 
     @property

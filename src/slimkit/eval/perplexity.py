@@ -219,6 +219,18 @@ def _lse64(z: torch.Tensor) -> torch.Tensor:
     return acc.log_() + top[..., 0]
 
 
+def _logits32(h: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """The head's logits for inputs ``h`` (.., d) in fp32, a chunk of the vocabulary at a time: what
+    the head-moment identity needs when the model computes (and rounds) its logits in bf16/fp16."""
+    w, b = head.weight, head.bias
+    h = h.float()
+    out = torch.empty(*h.shape[:-1], w.shape[0], dtype=torch.float32, device=h.device)
+    for s in range(0, w.shape[0], _VOCAB_CHUNK):
+        out[..., s:s + _VOCAB_CHUNK] = F.linear(h, w[s:s + _VOCAB_CHUNK].float(),
+                                                None if b is None else b[s:s + _VOCAB_CHUNK].float())
+    return out
+
+
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum over the last dim of a * b, without a temporary of a's size."""
     return (a.unsqueeze(-2) @ b.unsqueeze(-1))[..., 0, 0]
@@ -249,6 +261,8 @@ def dense_reference(reference, windows: torch.Tensor, head: LinearHead, *, batch
         for s in tqdm(range(0, n, batch_size), desc="eval (dense reference)", unit="batch", disable=not progress):
             ids = windows[s:s + batch_size].to(_input_device(reference))
             z = _logits(reference, ids)  # (B, S-1, V)
+            if centred and tap.z.dtype != torch.float32:  # computed narrower: the exact fp32 logits of h
+                z = _logits32(tap.h[:, :-1], reference.get_output_embeddings())
             if z.shape[-1] != head.vocab:
                 raise SlimkitError(f"the reference has a vocabulary of {z.shape[-1]} tokens and the model "
                                    f"{head.vocab}: KL needs the same vocabulary")
@@ -403,6 +417,8 @@ def evaluate(model, windows: torch.Tensor, reference=None, *, batch_size: int = 
                     kl_sum += (ref.exp() * (ref - lp)).sum().item()
             else:
                 z = _logits(model, ids)  # (B, S-1, V)
+                if tap.z.dtype != torch.float32:  # computed narrower: the exact fp32 logits of its input
+                    z = _logits32(tap.h[:, :-1], model.get_output_embeddings())
                 lse = _lse64(z)
                 nll_sum += (lse - z.gather(-1, tgt[..., None])[..., 0].double()).sum().item()
                 del z

@@ -207,6 +207,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return True  # only the proxy can tell: let the hub client try through it
     url = urlsplit(_hub_endpoint())
     if url.geturl() not in _reachable:
         try:
