@@ -211,3 +211,18 @@ def test_partial_folder_lock_states(tmp_path):
     with pytest.raises(SlimkitError, match="another slimkit run"):
         with atomic_dir(tmp_path / "out"):
             pass
+
+
+def test_output_finished_by_another_run_meanwhile(tmp_path):
+    """A run that passed the output check while another was finishing: refused once it holds its
+    lock, before any work, its partial folder removed."""
+    from slimkit.api import atomic_dir, partial_dir
+    from slimkit.errors import SlimkitError
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("the other run's")
+    ran = []
+    with pytest.raises(SlimkitError, match="already exists"):
+        with atomic_dir(out):
+            ran.append(1)
+    assert not ran and not partial_dir(out).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -150,6 +150,11 @@ def atomic_dir(out: Path, *, reuse: bool = False, keep=None):
                         shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
             if fd is None:
                 fd = _lock(tmp, out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):  # a run that finished meanwhile
+            if not reuse:
+                shutil.rmtree(tmp, ignore_errors=True)
+            os.close(fd)
+            raise SlimkitError(f"output {str(out)!r} already exists and is not empty")
     except BaseException:
         for p in created:
             with contextlib.suppress(OSError):
