@@ -19,6 +19,7 @@ from .calib.checkpoint import Checkpoint, files_digest, tensor_digest
 from .calib.device import Placement, peak_device_memory_mb, resolve_dtype
 from .calib.engine import check_recipe_fits
 from .data import calibration_ids, evaluation_ids
+from .data.sources import available_memory
 from .errors import SlimkitError
 from .finetune import finetune_adapters
 from .eval import evaluate
@@ -183,18 +184,6 @@ def atomic_dir(out: Path, *, reuse: bool = False, keep=None):
         os.close(fd)
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory the kernel says can be allocated without swapping (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
@@ -229,7 +218,7 @@ def check_resources(model, *, nsamples: int, seqlen: int, out: Path, placement: 
     already = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if partial and partial.is_dir() else 0
     disk = int(2.5 * stored) + nsamples * seqlen * hidden * 4 + (acts if offload_activations else 0) \
         + (eval_tokens or 0) * (hidden + 2) * 8 - already
-    avail = _available_memory()
+    avail = available_memory()
     size = f"{nsamples} x {seqlen} calibration tokens (hidden size {hidden})"
     if avail is not None and placement.device.type == "cpu" and not offload_activations and acts + ids > avail:
         raise SlimkitError(f"{size} need about {_gib(acts + ids)} of activations and {_gib(avail)} of memory is "
