@@ -151,11 +151,13 @@ def atomic_dir(out: Path, *, reuse: bool = False, keep=None):
                         shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
             if fd is None:
                 fd = _lock(tmp, out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):  # a run that finished meanwhile
+        try:
+            check_output_dir(out)  # again, under the lock: a run may have finished into it meanwhile
+        except SlimkitError:
             if not reuse:
                 shutil.rmtree(tmp, ignore_errors=True)
             os.close(fd)
-            raise SlimkitError(f"output {str(out)!r} already exists and is not empty")
+            raise
     except BaseException:
         for p in created:
             with contextlib.suppress(OSError):
@@ -438,8 +440,6 @@ def dense_reference_for(dense_spec: str, windows: torch.Tensor, *, resident=None
     storage = placement.storage if placement else None  # the head's digest depends on it: so does the key
     cache = ReferenceCache(reference_cache, windows_key(windows, f"{resolve(dense_spec)[1]}:{storage}")) \
         if reference_cache else None
-    if cache is not None:
-        cache.check_location()
     dense = resident if resident is not None else \
         load_model(dense_spec, dtype=placement.storage if placement else "auto", with_tokenizer=False)[0]
     head = linear_head(dense, placement)
