@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ..errors import NumericalError, RecipeError
 from .masks import Sparsity, nm_mask
 from .quant import QuantSpec, fake_quantize, fit, fit_group, group_slices
+
+if TYPE_CHECKING:
+    from .gguf import BlockGrid
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +104,14 @@ class GroupGrid(Protocol):
     def fake_quantize(self, gi: int, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor: ...
 
 
-def _block_size(blocksize: int, quant: QuantSpec | None, sparsity: Sparsity | None, k: int) -> int:
-    """Blocks hold whole groups and whole N:M runs, so parameters fitted at a group start
-    see every error already pushed onto that group."""
+def _block_size(blocksize: int, quant: QuantSpec | None, sparsity: Sparsity | None, k: int,
+                group: int | None = None) -> int:
+    """Blocks hold whole groups (``group``: a block grid's block) and whole N:M runs, so
+    parameters fitted at a group start see every error already pushed onto that group."""
     unit = 1
-    if quant is not None and quant.group_size and quant.group_size < k:
+    if group is not None:  # a block grid's blocks divide the width
+        unit = group
+    elif quant is not None and quant.group_size and quant.group_size < k:
         unit = quant.group_size
     if sparsity is not None and sparsity.structured:
         unit = unit * sparsity.m // math.gcd(unit, sparsity.m)
@@ -114,13 +120,22 @@ def _block_size(blocksize: int, quant: QuantSpec | None, sparsity: Sparsity | No
 
 def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None = None,
               sparsity: Sparsity | None = None, mask: torch.Tensor | None = None,
-              blocksize: int = 128, grid: GroupGrid | None = None, record_inputs: bool = False) -> SweepResult:
+              blocksize: int = 128, grid: GroupGrid | None = None, record_inputs: bool = False,
+              block_grid: BlockGrid | None = None) -> SweepResult:
     """Prune (``sparsity``, chosen inside the sweep as SparseGPT does), keep an existing ``mask``,
     and/or quantize (``quant``, groups fitted as the sweep reaches them; with act-order the
     groups are fitted up front on the natural column order) W (out, in). ``grid`` replaces the
     uniform grid of ``quant`` group by group (``quant`` then only gives the group layout);
-    ``record_inputs`` returns every column as it was just before it was rounded."""
-    if quant is None and sparsity is None:
+    ``record_inputs`` returns every column as it was just before it was rounded. ``block_grid``
+    (a GGUF block type, ops.gguf.BlockGrid) quantizes instead of ``quant``: it fits each block
+    when the sweep reaches it, keeps its own parameters and codes, and leaves values that are
+    exactly its format's (no act-order)."""
+    if block_grid is not None:
+        if quant is not None or grid is not None:
+            raise RecipeError("a GGUF block grid replaces the uniform grid: give one or the other")
+        if inv.perm is not None:
+            raise RecipeError("act-order cannot be combined with a GGUF block grid (its blocks are fixed runs of columns)")
+    if quant is None and sparsity is None and block_grid is None:
         raise RecipeError("an OBS sweep needs a quantizer, a sparsity target or both")
     if grid is not None and quant is None:
         raise RecipeError("a per-group grid needs a QuantSpec for its group layout")
@@ -166,7 +181,8 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
 
     Hinv = inv.Hinv
     W_in = torch.zeros_like(W) if record_inputs else None
-    bs = _block_size(blocksize, quant, sparsity, k)
+    bg = block_grid.block if block_grid is not None else None
+    bs = _block_size(blocksize, quant, sparsity, k, bg)
     g = quant.group_width(k) if quant is not None else k
     for i1 in range(0, k, bs):
         i2 = min(i1 + bs, k)
@@ -197,6 +213,13 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
                         blk = blk * keep1[:, j:j + g]
                     scale[:, gi], zero[:, gi] = fit_one(gi, blk)
                 q = fq(gi, w, scale[:, gi], zero[:, gi])
+            elif block_grid is not None:
+                bi, c = divmod(col, bg)
+                if c == 0:
+                    blk = W1[:, j:j + bg]
+                    block_grid.fit_block(bi, blk * keep1[:, j:j + bg] if keep1 is not None else blk)
+                q = block_grid.columns(bi, torch.tensor([c]), w[:, None],
+                                       keep1[:, j:j + 1] if keep1 is not None else None)[:, 0]
             else:
                 q = w.clone()
             if keep1 is not None:
