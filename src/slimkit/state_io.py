@@ -50,6 +50,8 @@ def layer_record(state: LinearState) -> tuple[dict[str, torch.Tensor], dict]:
         tensors[key] = value
     if "vq" in state.notes:  # how to decode a vector-quantized base from its tensors
         meta["vq"] = state.notes["vq"]
+    if "gguf" in state.notes:  # the GGUF block type of ``gguf_blocks`` and the llama.cpp file type
+        meta["gguf"] = state.notes["gguf"]
     meta["bits"] = state.bits()
     # records live on the CPU (a stage may leave its tensors on the compute device)
     return {f"{state.name}.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}, meta

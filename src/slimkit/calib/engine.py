@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from .. import dist
 from ..errors import NumericalError, SlimkitError
-from ..methods.base import HESSIAN, INPUT_SAMPLE, SAMPLE_ROWS, BlockContext, LinearState, Stage
+from ..methods.base import (HESSIAN, INPUT_SAMPLE, SAMPLE_ROWS, BlockContext, LayerPosition, LinearState, Stage,
+                            model_gqa)
 from ..methods.rtn import RTN
 from ..models.experts import UnfusedExperts, is_fused_experts
 from ..models.layout import ModelLayout, ResidentBlocks
@@ -248,6 +249,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
     fault = os.environ.get("SLIMKIT_FAULT_KILL_AFTER_BLOCK")  # tests: SIGKILL right after a commit
     bar = tqdm(range(start, len(source)), desc=f"compress [{recipe.name}]", unit="block", disable=not progress,
                initial=start, total=len(source))
+    gqa = model_gqa(getattr(model, "config", None))
     for i in bar:
         tb = time.perf_counter()
         t = time.perf_counter()
@@ -284,7 +286,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         originals: dict[str, torch.Tensor] = {}
         states: dict[str, LinearState] = {}
         for name, lin in linears.items():
-            state = LinearState.from_weight(name, lin.weight)
+            state = LinearState.from_weight(name, lin.weight, LayerPosition(i, len(source), gqa))
             starved = collector.starved.get(name)
             if starved is not None:  # an expert that (almost) no calibration token was routed to
                 for stage in data_free_stages(recipe):

@@ -113,6 +113,25 @@ class LinearStats:
         return self._inverse[key]
 
 
+@dataclass(frozen=True)
+class LayerPosition:
+    """Where a Linear sits in its model, for stages whose choice depends on it (llama.cpp's
+    per-tensor type mixtures): its block, the number of blocks, and the model's query heads
+    per key/value head."""
+
+    block: int
+    n_blocks: int
+    n_gqa: int = 1
+
+
+def model_gqa(config) -> int:
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return heads // kv if isinstance(heads, int) and isinstance(kv, int) and kv > 0 else 1
+
+
 @dataclass
 class LinearState:
     """One Linear under compression. The model computes with ``effective_weight()``:
@@ -137,13 +156,14 @@ class LinearState:
     requantize: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # a method's extra tensors to persist
     notes: dict[str, Any] = field(default_factory=dict)
+    position: LayerPosition | None = None
 
     @classmethod
-    def from_weight(cls, name: str, W: torch.Tensor) -> "LinearState":
+    def from_weight(cls, name: str, W: torch.Tensor, position: LayerPosition | None = None) -> "LinearState":
         W = W.detach().to(torch.float32, copy=True)  # the module's weight is overwritten later
         if not torch.isfinite(W).all():
             raise NumericalError(f"the weight of {name} contains NaN/Inf")
-        return cls(name=name, original=W, weight=W.clone())
+        return cls(name=name, original=W, weight=W.clone(), position=position)
 
     @property
     def rank(self) -> int:

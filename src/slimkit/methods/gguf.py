@@ -1,0 +1,163 @@
+"""Quantization into llama.cpp's GGUF block formats: round-to-nearest (``rtn_gguf``) and the
+GPTQ sweep (``gptq_gguf``, optionally SparseGPT N:M pruning in the same sweep), with the
+per-tensor type that ``llama-quantize`` would choose for the same llama.cpp file type.
+
+Persisted per Linear ``P``: ``P.gguf_blocks`` (out, in / block * type_size) uint8, the block
+bytes llama.cpp reads (the exporter writes them unchanged), and in slimkit.json the layer's
+``gguf`` record {type, ftype}. The model's weight is their exact dequantization.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import RecipeError
+from ..ops.gguf import CATEGORIES, TYPES, BlockGrid, category_of, check_ftype, check_width, llama_type, storage_bits
+from ..ops.masks import Sparsity, parse_sparsity
+from ..ops.obs import obs_sweep
+from .base import HESSIAN, LinearState, LinearStats, Stage, register
+from .gptq import SweepFields
+
+BLOCKS = "gguf_blocks"
+
+
+@dataclass
+class GGUFFields:
+    ftype: str = "Q4_K_M"  # a llama.cpp file type: its mixture of block types, tensor by tensor
+    pure: bool = False  # every tensor the file type's own block type (llama-quantize --pure)
+
+    calibrated: ClassVar[bool] = False  # choose types as llama-quantize does with an importance matrix
+
+    def check_gguf(self) -> None:
+        self.ftype = check_ftype(self.ftype)
+        if not isinstance(self.pure, bool):
+            raise RecipeError(f"pure must be true or false, got {self.pure!r}")
+
+    def layer_type(self, name: str, in_features: int, state: LinearState | None = None) -> str:
+        pos = state.position if state is not None else None
+        return llama_type(self.ftype, category_of(name), in_features,
+                          pos.block if pos else None, pos.n_blocks if pos else None,
+                          pos.n_gqa if pos else 1, has_imatrix=self.calibrated, pure=self.pure)
+
+    def check_layer(self, name: str, out_features: int, in_features: int) -> None:
+        try:
+            t = self.layer_type(name, in_features)
+        except RecipeError as e:
+            raise RecipeError(f"{name}: {e}") from None
+        check_width(TYPES[t], in_features, name)
+
+    def refuse_mask(self, state: LinearState) -> None:
+        if state.mask is not None:
+            raise RecipeError(f"{state.name} is already pruned; a GGUF stage keeps no earlier mask "
+                              "(gptq_gguf prunes in its own sweep with sparsity:)")
+
+    def record(self, state: LinearState, grid: BlockGrid, W) -> LinearState:
+        out, k = W.shape
+        state.weight = W
+        state.tensors[BLOCKS] = grid.data()
+        state.storage = storage_bits(grid.type, out, k)
+        state.notes["gguf"] = {"type": grid.type.name, "ftype": self.ftype, "pure": self.pure}
+        state.notes["grid"] = f"GGUF {grid.type.name} ({self.ftype}{' pure' if self.pure else ''})"
+        return state
+
+
+@register
+@dataclass
+class RTNGGUF(GGUFFields, Stage):
+    """Round-to-nearest into each tensor's GGUF block type (block parameters searched for the
+    least squared error, no calibration data): the baseline of ``gptq_gguf``."""
+
+    name = "rtn_gguf"
+    quantizes = True
+    uniform_grid = False
+    accepts_mask = False
+    examples = ({"ftype": "Q4_0"}, {"ftype": "Q4_K_M", "pure": True})
+
+    def __post_init__(self):
+        self.check_gguf()
+
+    def apply(self, state: LinearState, stats) -> LinearState:
+        self.refuse_mask(state)
+        out, k = state.weight.shape
+        grid = BlockGrid(TYPES[self.layer_type(state.name, k, state)], out, k)
+        W = state.weight.clone()
+        for gi in range(k // grid.block):
+            sl = slice(gi * grid.block, (gi + 1) * grid.block)
+            grid.fit_block(gi, state.weight[:, sl])
+            W[:, sl] = grid.columns(gi, torch.arange(grid.block), state.weight[:, sl])
+        return self.record(state, grid, W)
+
+
+@register
+@dataclass
+class GPTQGGUF(SweepFields, GGUFFields, Stage):
+    """GPTQ into each tensor's GGUF block type: the OBS sweep fits every block (super-block) on
+    the error-compensated weights when it reaches it, with the Hessian's diagonal as the
+    importance of each column in the scale search."""
+
+    name = "gptq_gguf"
+    needs = frozenset({HESSIAN})
+    quantizes = True
+    uniform_grid = False
+    accepts_mask = False
+    calibrated = True
+    examples = ({"ftype": "Q4_0"}, {"ftype": "Q3_K_M"})
+
+    def __post_init__(self):
+        self.check_gguf()
+        self.check_sweep()
+
+    def pattern(self) -> Sparsity | None:
+        return None
+
+    def layer_type(self, name: str, in_features: int, state: LinearState | None = None) -> str:
+        pos = state.position if state is not None else None
+        return llama_type(self.ftype, category_of(name), in_features,
+                          pos.block if pos else None, pos.n_blocks if pos else None, pos.n_gqa if pos else 1,
+                          has_imatrix=self.calibrated and self.pattern() is None, pure=self.pure)
+
+    def apply(self, state: LinearState, stats: LinearStats) -> LinearState:
+        self.refuse_mask(state)
+        out, k = state.weight.shape
+        inv = stats.inverse(self.percdamp, False, state.name)
+        imp = stats.hessian.diagonal().clone()
+        grid = BlockGrid(TYPES[self.layer_type(state.name, k, state)], out, k, importance=imp)
+        pattern = self.pattern()
+        res = obs_sweep(state.weight, inv, sparsity=pattern, blocksize=self.blocksize, block_grid=grid)
+        if pattern is not None:
+            state.mask, state.sparsity = res.keep, pattern
+        state.notes["damp"] = inv.damp
+        return self.record(state, grid, res.W)
+
+
+@register
+@dataclass
+class SparseGPTGGUF(GPTQGGUF):
+    """SparseGPT pruning (N:M or unstructured) and GPTQ into GGUF blocks in one OBS sweep, for
+    file types of symmetric blocks only: their zero code is an exact 0, so a pruned weight
+    stays pruned in the file llama.cpp reads."""
+
+    name = "sparsegpt_gguf"
+    prunes = True
+    examples = ({"ftype": "Q4_0", "sparsity": "2:4"}, {"ftype": "Q8_0", "sparsity": 0.5})
+    sparsity: str | float = "2:4"
+
+    def __post_init__(self):
+        super().__post_init__()
+        parse_sparsity(self.sparsity)
+        types = {llama_type(self.ftype, cat, n, layer, 16, gqa, pure=self.pure)
+                 for cat in (*CATEGORIES.values(), "output", "other") for n in (4096, 4128)
+                 for layer in range(16) for gqa in (1, 4)}
+        asym = sorted(t for t in types if not TYPES[t].symmetric)
+        if asym:
+            raise RecipeError(f"sparsity with GGUF {self.ftype}: {', '.join(asym)} has no exact zero for a pruned "
+                              "weight; use a file type of symmetric blocks (Q8_0, Q6_K, Q5_0, Q4_0, Q3_K_S)")
+
+    def pattern(self) -> Sparsity | None:
+        return parse_sparsity(self.sparsity)
+
+    def check_layer(self, name: str, out_features: int, in_features: int) -> None:
+        super().check_layer(name, out_features, in_features)
+        self.pattern().check_width(in_features, name)
