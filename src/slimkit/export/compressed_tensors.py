@@ -38,6 +38,8 @@ def scheme_of(rec: LayerRecord) -> tuple:
     """(bits, strategy, group_size, symmetric) or a PackError saying why the format cannot hold it."""
     N, K = rec.shape
     q = rec.quant
+    rec.require_form(("uniform", "dense"), "compressed-tensors",
+                     "use --format gguf" if rec.form.name == "gguf" else "use --format native")
     if rec.has_adapters:
         raise PackError(f"{rec.name} has low-rank adapters, which compressed-tensors cannot hold; "
                         f"use --format peft (adapters + base) or --format native")

@@ -178,6 +178,7 @@ def encode_layer(rec: LayerRecord, store: dict, dtypes: dict) -> dict:
     """Write one Linear's tensors into ``store``; -> its manifest entry."""
     N, K = rec.shape
     t = rec.tensors
+    rec.require_form(("uniform", "mixed", "vq", "dense"), "the native format", "use --format gguf")
     w = _Writer(rec.name, store, dtypes)
     entry: dict = {"shape": [N, K], "meta": rec.meta}
     if not rec.exact():

@@ -15,6 +15,7 @@ from .. import __version__
 from ..errors import SlimkitError, first_line  # noqa: F401 (pack modules import it from here)
 from ..ops.quant import group_slices
 from ..state_io import META_FILE, STATE_FILE, STATE_INDEX, load_state
+from .forms import GGUF, StorageForm, form_of
 
 
 class PackError(SlimkitError):
@@ -77,6 +78,7 @@ _LAYER = {
     "quant": (lambda v: isinstance(v, dict), "an object"),
     "adapters": (lambda v: isinstance(v, dict), "an object"),
     "vq": (lambda v: isinstance(v, dict), "an object"),
+    "gguf": (lambda v: isinstance(v, dict), "an object"),
 }
 _QUANT = {
     "bits": (lambda v: _int(v, 1, 16), "an integer from 1 to 16"),
@@ -89,6 +91,7 @@ _ADAPTERS = {
     "bits": (lambda v: v is None or _int(v, 1, 16), "an integer from 1 to 16 or null"),
     "group": (lambda v: _int(v), "a positive integer"),
 }
+_GGUF = {"type": _OPT_STR, "ftype": _OPT_STR, "pure": (lambda v: isinstance(v, bool), "true or false")}
 _VQ = {key: (lambda v: _int(v), "a positive integer") for key in ("d", "code_bits", "block", "scale_group")}
 _HEADER = {
     "slimkit_version": _OPT_STR, "source_model": _OPT_STR, "model_type": _OPT_STR,
@@ -175,13 +178,25 @@ def read_meta(directory: str | Path) -> dict:
         problem = _check_fields(lm, _LAYER, where, required=("shape",)) \
             or ("quant" in lm and _check_fields(lm["quant"], _QUANT, f"{where} quant", required=("bits",))) \
             or ("adapters" in lm and _check_fields(lm["adapters"], _ADAPTERS, f"{where} adapters")) \
-            or ("vq" in lm and _check_fields(lm["vq"], _VQ, f"{where} vq", required=tuple(_VQ))) or None
+            or ("vq" in lm and _check_fields(lm["vq"], _VQ, f"{where} vq", required=tuple(_VQ))) \
+            or ("gguf" in lm and (_check_fields(lm["gguf"], _GGUF, f"{where} gguf", required=("type", "ftype"))
+                                  or _gguf_type_problem(lm["gguf"], where))) or None
         if problem:
             break
     if problem:
         raise PackError(f"{str(path)!r} is corrupt: {problem}")
     _check_state(d, meta["layers"])
     return meta
+
+
+def _gguf_type_problem(rec: dict, where: str) -> str | None:
+    from ..ops.gguf import FTYPES, TYPES
+
+    if rec["type"] not in TYPES:
+        return f"{where} gguf: unknown block type {rec['type']!r}"
+    if rec["ftype"] not in FTYPES:
+        return f"{where} gguf: unknown llama.cpp file type {rec['ftype']!r}"
+    return None
 
 
 def _check_state(d: Path, layers: dict) -> None:
@@ -197,6 +212,14 @@ def _check_state(d: Path, layers: dict) -> None:
             need["mask"] = [out, k]
         if "adapters" in lm:
             need |= {"L": None, "R": None}
+        if "gguf" in lm:
+            from ..ops.gguf import TYPES
+
+            t = TYPES[lm["gguf"]["type"]]
+            if k % t.block:
+                raise PackError(f"{str(d / META_FILE)!r} records layer {name!r} in GGUF {t.name}, whose blocks of "
+                                f"{t.block} do not divide its {k} columns")
+            need["gguf_blocks"] = [out, k // t.block * t.type_size]
         for key, shape in need.items():
             got = shapes.get(f"{name}.{key}")
             if got is None:
@@ -247,6 +270,21 @@ class LayerRecord:
     def has_adapters(self) -> bool:
         return "L" in self.tensors
 
+    @property
+    def form(self) -> StorageForm:
+        return form_of(self.tensors)
+
+    def describe_form(self) -> str:
+        return self.form.describe(self.tensors, self.meta)
+
+    def require_form(self, allowed: tuple[str, ...], fmt: str, hint: str = "") -> StorageForm:
+        """This layer's storage form, or a PackError naming it when ``fmt`` cannot hold it."""
+        form = self.form
+        if form.name not in allowed:
+            raise PackError(f"{self.name} is stored as {self.describe_form()}, which {fmt} cannot hold"
+                            + (f"; {hint}" if hint else ""))
+        return form
+
     def column_bits(self) -> torch.Tensor:
         """(in,) bit-width of every column's codes (per-group bits from ``group_bits`` if present)."""
         k = self.shape[1]
@@ -267,6 +305,10 @@ class LayerRecord:
     def base_weight(self) -> torch.Tensor:
         if "weight" in self.tensors:
             return self.tensors["weight"].float()
+        if self.form is GGUF:
+            from ..ops.gguf import TYPES, dequantize_data
+
+            return dequantize_data(self.tensors["gguf_blocks"], TYPES[self.meta["gguf"]["type"]], self.shape[1])
         if "codes" in self.tensors:
             return self.dequantized()
         if self.has_adapters:
