@@ -80,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list the built-in recipes", parents=[common])
 
-    x = sub.add_parser("export", help="write a compressed folder as compressed-tensors, PEFT or native", parents=[common])
+    x = sub.add_parser("export", help="write a compressed folder as compressed-tensors, PEFT, native or GGUF", parents=[common])
     x.add_argument("--device", default="cpu", help="device for the export's tensor work (default cpu)")
     x.add_argument("dir", help="a `slimkit compress` output folder")
-    x.add_argument("--format", required=True, choices=["compressed-tensors", "peft", "native"])
+    x.add_argument("--format", required=True, choices=["compressed-tensors", "peft", "native", "gguf"])
     x.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     x.add_argument("--dense-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="native: dtype of the uncompressed tensors (auto: the narrowest that is exact)")

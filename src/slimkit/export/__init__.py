@@ -1,4 +1,4 @@
-"""Exports of a slimkit folder: compressed-tensors, PEFT adapters + base, and the native packed format."""
+"""Exports of a slimkit folder: compressed-tensors, PEFT adapters + base, the native packed format, GGUF."""
 from __future__ import annotations
 
 import logging
@@ -16,7 +16,7 @@ from .peft import write_peft
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("compressed-tensors", "peft", "native")
+FORMATS = ("compressed-tensors", "peft", "native", "gguf")
 
 
 def export(src: str | Path, fmt: str, out: str | Path, *, dense_dtype: str = "auto",
@@ -42,6 +42,10 @@ def export(src: str | Path, fmt: str, out: str | Path, *, dense_dtype: str = "au
             write_compressed_tensors(src, tmp)
         elif fmt == "peft":
             write_peft(src, tmp)
+        elif fmt == "gguf":
+            from .gguf import write_gguf  # the gguf package is imported only when asked for
+
+            write_gguf(src, tmp)
         else:
             write_native(src, tmp, dense_dtype=dense_dtype)
     log.info("wrote %s (%s)", out_path, fmt)

@@ -64,7 +64,10 @@ def folder_info(directory: str | Path) -> dict:
         info.update(kind="slimkit fake-quantized (dense fp32 weights + state)", layers=len(meta["layers"]),
                     compressed_params=params,
                     nominal_bits_per_weight={k: v / params for k, v in parts.items() if v} if params else {},
-                    fp16_compressed_bytes=params * 2)
+                    fp16_compressed_bytes=params * 2,
+                    packs_as="gguf" if any("gguf" in lm for lm in meta["layers"].values()) else "native")
+    elif sorted(d.glob("*.gguf")):
+        info.update(kind="GGUF (llama.cpp)", gguf=[_gguf_info(f) for f in sorted(d.glob("*.gguf"))])
     else:
         total = 0
         for f in d.rglob("*.safetensors"):
@@ -75,6 +78,24 @@ def folder_info(directory: str | Path) -> dict:
             kind = "compressed-tensors" if "compressed-tensors" in cfg.read_text() else "quantized HF folder"
         info.update(kind=kind, stored_elements=total)
     return info
+
+
+def _gguf_info(path: Path) -> dict:
+    import gguf
+
+    try:
+        r = gguf.GGUFReader(str(path))
+        ft = r.fields.get("general.file_type")
+        types: dict[str, int] = {}
+        for t in r.tensors:
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        elements = sum(int(t.n_elements) for t in r.tensors)
+    except Exception as e:  # the reader raises assorted errors on truncated or foreign files
+        raise PackError(f"{str(path)!r} is not a readable GGUF file: {first_line(e)}") from None
+    file_type = ft.contents() if ft is not None else None
+    name = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else "?"
+    return {"file": path.name, "file_type": name, "tensors": len(r.tensors), "elements": elements, "types": types,
+            "bits_per_weight": path.stat().st_size * 8 / elements if elements else 0.0}
 
 
 def _itemsize(d: Path, key: str) -> int:
@@ -99,7 +120,14 @@ def info_rows(info: dict) -> list[tuple[str, str]]:
     elif "nominal_bits_per_weight" in info:
         rows += [("compressed Linears", f"{info['layers']} ({info['compressed_params']:,} weights)")]
         rows += [(f"nominal bits/weight {k}", f"{v:.3f}") for k, v in info["nominal_bits_per_weight"].items()]
-        rows += [("note", "weights are stored fake-quantized in fp32; `slimkit export --format native` packs them")]
+        rows += [("note", "weights are stored fake-quantized in fp32; "
+                          f"`slimkit export --format {info.get('packs_as', 'native')}` packs them")]
+    elif "gguf" in info:
+        for g in info["gguf"]:
+            rows += [("file", f"{g['file']} ({g['file_type']})"),
+                     ("  weights", f"{g['elements']:,} in {g['tensors']} tensors"),
+                     ("  bits/weight", f"{g['bits_per_weight']:.3f}")]
+            rows += [(f"  tensors {k}", str(v)) for k, v in sorted(g["types"].items())]
     else:
         rows += [("stored values", f"{info['stored_elements']:,}")]
     return rows
