@@ -300,3 +300,46 @@ def test_gguf_export_refusals(compressed, tiny_models, text_file, tmp_path):
                         str(tmp_path / "b")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "opt" in r.stderr, r.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_scales_beyond_fp16_are_refused_not_written_as_inf():
+    from slimkit.errors import NumericalError
+
+    with pytest.raises(NumericalError, match="beyond fp16's range"):
+        encode_rtn(torch.full((2, 32), 1e5), TYPES["Q4_1"])
+    big = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)) * 1e3
+    for t in TYPES.values():  # large but storable: still bit for bit
+        enc = encode_rtn(big, t)
+        assert torch.equal(dequantize_data(enc.data, t, 256), enc.values)
+
+
+def test_pure_skips_the_output_rule_too():
+    assert llama_type("Q4_K_M", "output", 4096, pure=True) == "Q4_K"
+    assert llama_type("Q4_K_M", "output", 4096) == "Q6_K"
+
+
+def test_a_gguf_stage_stands_alone():
+    from slimkit.recipe import Recipe
+
+    for stages in ([{"method": "rtn_gguf", "ftype": "Q4_0"}, {"method": "rtn", "bits": 4}],
+                   [{"method": "wanda", "sparsity": "2:4"}, {"method": "gptq_gguf", "ftype": "Q4_0"}]):
+        with pytest.raises(RecipeError, match="must be the recipe's only stage"):
+            Recipe.from_dict({"stages": stages})
+
+
+def test_export_refuses_blocks_that_are_not_the_model(wide_llama, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from slimkit.export import export
+    from slimkit.pack.source import PackError
+
+    src = tmp_path / "edited"
+    shutil.copytree(run(wide_llama, "rtn-gguf-q4_0"), src)
+    w = load_file(str(src / "model.safetensors"))
+    w["model.layers.1.mlp.up_proj.weight"][0, 0] += 1e-3
+    save_file(w, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(PackError, match="model.layers.1.mlp.up_proj: its recorded GGUF Q4_0 blocks do not reproduce"):
+        export(src, "gguf", tmp_path / "g")
+    assert not (tmp_path / "g").exists()

@@ -151,6 +151,10 @@ class Recipe:
                     re.compile(pat[3:])
                 except re.error as e:
                     raise RecipeError(f"recipe {self.name!r}: bad regex {pat!r}: {e}") from None
+        lone = [s.name for s in self.stages if s.alone]
+        if lone and len(self.stages) > 1:
+            raise RecipeError(f"recipe {self.name!r}: {lone[0]} writes the layer's final stored form (GGUF blocks) "
+                              "and must be the recipe's only stage (sparsegpt_gguf prunes in the same sweep)")
         if sum(1 for s in self.stages if s.prunes) > 1:
             raise RecipeError(f"recipe {self.name!r} prunes more than once")
         if self.finetune is not None and not any(_makes_adapters(s) for s in self.stages):

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..ops.gguf import TYPES, category_of, encode_rtn, llama_type
+from ..errors import RecipeError
+from ..ops.gguf import TYPES, category_of, dequantize_data, encode_rtn, llama_type
 from ..pack.source import LayerRecord, PackError, SlimkitFolder
 from .gguf_meta import check_supported, new_writer, tensor_plan
 
@@ -32,9 +33,9 @@ def _file_type(ftype: str):
     return gguf.LlamaFileType[f"MOSTLY_{ftype}"]
 
 
-def _file_settings(records: list[LayerRecord], src) -> tuple[str, bool]:
-    settings = {(r.meta["gguf"]["ftype"], bool(r.meta["gguf"].get("pure", False)))
-                for r in records if r.form.name == "gguf"}
+def _file_settings(records: list[LayerRecord], src) -> tuple[str, bool, bool]:
+    settings = {(r.meta["gguf"]["ftype"], bool(r.meta["gguf"].get("pure", False)),
+                 bool(r.meta["gguf"].get("imatrix", False))) for r in records if r.form.name == "gguf"}
     if not settings:
         raise PackError(f"{str(src)!r} holds no GGUF-encoded layers; compress with a GGUF recipe "
                         "(e.g. --recipe gptq-gguf-q4_k_m) to export --format gguf")
@@ -43,60 +44,84 @@ def _file_settings(records: list[LayerRecord], src) -> tuple[str, bool]:
     return settings.pop()
 
 
+def _check_blocks(rec: LayerRecord) -> None:
+    """The recorded blocks must be the model's weight (rounded to the checkpoint's dtype): a
+    folder edited after compression, or blocks another stage overwrote, are refused."""
+    t = TYPES[rec.meta["gguf"]["type"]]
+    values = dequantize_data(rec.tensors["gguf_blocks"], t, rec.shape[1])
+    if not torch.equal(values.to(rec.effective.dtype), rec.effective):
+        raise PackError(f"{rec.name}: its recorded GGUF {t.name} blocks do not reproduce the model's weight")
+
+
 def write_gguf(src: str | Path, out: Path) -> dict:
-    """Write ``out/model.gguf``; -> a summary {file, ftype, tensors by type}."""
+    """Write ``out/model.gguf``; -> a summary {file, ftype, tensors by type}. Every check (what
+    the layers hold, family, tokenizer, a type for every tensor) runs before the file is opened."""
     folder = SlimkitFolder(src)
     config = folder.config
     records = {r.name: r for r in folder.records()}
-    for r in records.values():  # what the layers hold, then the family and the tokenizer: before any work
+    for r in records.values():
         r.require_form(("gguf", "dense"), "a GGUF file",
                        "compress with a GGUF recipe (e.g. gptq-gguf-q4_k_m) to write GGUF without re-rounding")
         if r.has_adapters:
             raise PackError(f"{r.name} has low-rank adapters, which a GGUF model file cannot hold; "
                             "use --format peft")
-    ftype, pure = _file_settings(list(records.values()), src)
+        if r.form.name == "gguf":
+            _check_blocks(r)
+    ftype, pure, imatrix = _file_settings(list(records.values()), src)
     check_supported(config, folder.dir)
     tensors = folder.model_tensors
     plan = tensor_plan(config, tensors.keys())
     n_layers = int(config.get("num_hidden_layers") or 0) or None
     heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
     n_gqa = heads // kv if isinstance(heads, int) and isinstance(kv, int) and kv else 1
-    tied = "lm_head.weight" not in tensors or bool(config.get("tie_word_embeddings"))
+    tied = not any(p.category == "output" for p in plan)  # llama.cpp: no output.weight in the file
+
+    jobs = []  # (plan, record or None, block type name or None (F32/F16 as is))
+    for p in plan:
+        name = p.hf_name[:-len(".weight")] if p.hf_name.endswith(".weight") else p.hf_name
+        rec = records.get(name) if p.hf_name.endswith(".weight") else None
+        if rec is not None and rec.form.name == "gguf":
+            if p.transform is not None and p.row_permutation is None:
+                raise PackError(f"{p.hf_name}: its GGUF layout changes its values, not only its row order, "
+                                "which already quantized blocks cannot follow")
+            jobs.append((p, rec, rec.meta["gguf"]["type"]))
+            continue
+        shape = tensors[p.hf_name].shape
+        if len(shape) != 2 or p.category in ("norm", "other") and rec is None:
+            jobs.append((p, None, None))
+            continue
+        category = "output" if p.category == "token_embd" and tied else p.category
+        if rec is not None:
+            category = category_of(rec.name)
+        try:
+            jobs.append((p, None, llama_type(ftype, category, shape[-1], p.layer, n_layers, n_gqa,
+                                             has_imatrix=imatrix, pure=pure)))
+        except RecipeError:  # rows no block type fits: llama-quantize keeps such a tensor in F16
+            jobs.append((p, None, "F16"))
 
     path = out / GGUF_FILE
     writer = new_writer(path, config, folder.dir)
     writer.add_file_type(int(_file_type(ftype)))
     counts: dict[str, int] = {}
-    for p in plan:
-        name = p.hf_name[:-len(".weight")] if p.hf_name.endswith(".weight") else p.hf_name
-        rec = records.get(name) if p.hf_name.endswith(".weight") else None
-        if rec is not None and rec.form.name == "gguf":
-            t = TYPES[rec.meta["gguf"]["type"]]
-            data = rec.tensors["gguf_blocks"]
-            if p.transform is not None:
-                if p.row_permutation is None:
-                    raise PackError(f"{p.hf_name}: its GGUF layout changes its values, not only its row order, "
-                                    "which already quantized blocks cannot follow")
-                data = data[p.row_permutation]
-            writer.add_tensor(p.gguf_name, np.ascontiguousarray(data.numpy()), raw_dtype=t.qtype)
-            counts[t.name] = counts.get(t.name, 0) + 1
-            continue
-        x = tensors[p.hf_name]
-        if p.transform is not None:  # in the stored dtype, as the converter computes it (gemma's norm + 1)
-            x = p.transform(x)
-        x = x.to(torch.float32)
-        if x.dim() < 2 or p.category in ("norm", "other") and x.dim() != 2:
-            writer.add_tensor(p.gguf_name, np.ascontiguousarray(x.numpy()))
-            counts["F32"] = counts.get("F32", 0) + 1
-            continue
-        category = p.category
-        if category == "token_embd" and tied:
-            category = "output"  # a tied embedding is quantized as the output head is
+    for p, rec, tname in jobs:
         if rec is not None:
-            category = category_of(rec.name)
-        tname = llama_type(ftype, category, x.shape[-1], p.layer, n_layers, n_gqa, has_imatrix=False, pure=pure)
-        enc = encode_rtn(x.reshape(-1, x.shape[-1]), TYPES[tname])
-        writer.add_tensor(p.gguf_name, np.ascontiguousarray(enc.data.numpy()), raw_dtype=TYPES[tname].qtype)
+            data = rec.tensors["gguf_blocks"]
+            if p.row_permutation is not None:
+                data = data[p.row_permutation]
+            writer.add_tensor(p.gguf_name, np.ascontiguousarray(data.numpy()), raw_dtype=TYPES[tname].qtype)
+        else:
+            x = tensors[p.hf_name]
+            if p.transform is not None:  # in the stored dtype, as the converter computes it (gemma's norm + 1)
+                x = p.transform(x)
+            x = x.to(torch.float32)
+            if tname is None:
+                tname = "F32"
+                writer.add_tensor(p.gguf_name, np.ascontiguousarray(x.numpy()))
+            elif tname == "F16":
+                writer.add_tensor(p.gguf_name, np.ascontiguousarray(x.to(torch.float16).numpy()))
+            else:
+                enc = encode_rtn(x.reshape(-1, x.shape[-1]), TYPES[tname])
+                writer.add_tensor(p.gguf_name, np.ascontiguousarray(enc.data.numpy()), raw_dtype=TYPES[tname].qtype)
         counts[tname] = counts.get(tname, 0) + 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -246,6 +246,7 @@ class Stage:
     makes_adapters: ClassVar[bool] = False  # leaves low-rank L, R that a recipe's finetune: section trains
     uniform_grid: ClassVar[bool] = True  # a quantizing stage that leaves a uniform grid in state.quant
     accepts_mask: ClassVar[bool] = True  # can run on an already pruned layer and keep its mask
+    alone: ClassVar[bool] = False  # must be a recipe's only stage (its stored form is final: GGUF blocks)
 
     def apply(self, state: LinearState, stats: LinearStats | None) -> LinearState:
         raise NotImplementedError

@@ -29,17 +29,21 @@ class GGUFFields:
     pure: bool = False  # every tensor the file type's own block type (llama-quantize --pure)
 
     calibrated: ClassVar[bool] = False  # choose types as llama-quantize does with an importance matrix
+    alone: ClassVar[bool] = True
 
     def check_gguf(self) -> None:
         self.ftype = check_ftype(self.ftype)
         if not isinstance(self.pure, bool):
             raise RecipeError(f"pure must be true or false, got {self.pure!r}")
 
+    def uses_imatrix(self) -> bool:
+        return self.calibrated
+
     def layer_type(self, name: str, in_features: int, state: LinearState | None = None) -> str:
         pos = state.position if state is not None else None
         return llama_type(self.ftype, category_of(name), in_features,
                           pos.block if pos else None, pos.n_blocks if pos else None,
-                          pos.n_gqa if pos else 1, has_imatrix=self.calibrated, pure=self.pure)
+                          pos.n_gqa if pos else 1, has_imatrix=self.uses_imatrix(), pure=self.pure)
 
     def check_layer(self, name: str, out_features: int, in_features: int) -> None:
         try:
@@ -49,16 +53,17 @@ class GGUFFields:
         check_width(TYPES[t], in_features, name)
 
     def refuse_mask(self, state: LinearState) -> None:
-        if state.mask is not None:
-            raise RecipeError(f"{state.name} is already pruned; a GGUF stage keeps no earlier mask "
-                              "(gptq_gguf prunes in its own sweep with sparsity:)")
+        if state.mask is not None or state.quant is not None or BLOCKS in state.tensors or state.L is not None:
+            raise RecipeError(f"{state.name} was already compressed by an earlier stage; a GGUF stage works on "
+                              "the dense weight alone (sparsegpt_gguf prunes in its own sweep)")
 
     def record(self, state: LinearState, grid: BlockGrid, W) -> LinearState:
         out, k = W.shape
         state.weight = W
         state.tensors[BLOCKS] = grid.data()
         state.storage = storage_bits(grid.type, out, k)
-        state.notes["gguf"] = {"type": grid.type.name, "ftype": self.ftype, "pure": self.pure}
+        state.notes["gguf"] = {"type": grid.type.name, "ftype": self.ftype, "pure": self.pure,
+                               "imatrix": self.uses_imatrix()}
         state.notes["grid"] = f"GGUF {grid.type.name} ({self.ftype}{' pure' if self.pure else ''})"
         return state
 
@@ -112,11 +117,8 @@ class GPTQGGUF(SweepFields, GGUFFields, Stage):
     def pattern(self) -> Sparsity | None:
         return None
 
-    def layer_type(self, name: str, in_features: int, state: LinearState | None = None) -> str:
-        pos = state.position if state is not None else None
-        return llama_type(self.ftype, category_of(name), in_features,
-                          pos.block if pos else None, pos.n_blocks if pos else None, pos.n_gqa if pos else 1,
-                          has_imatrix=self.calibrated and self.pattern() is None, pure=self.pure)
+    def uses_imatrix(self) -> bool:  # the importance-matrix rule picks Q4_1/Q5_1, which have no exact zero
+        return self.calibrated and self.pattern() is None
 
     def apply(self, state: LinearState, stats: LinearStats) -> LinearState:
         self.refuse_mask(state)

@@ -27,15 +27,20 @@ from typing import Callable, ClassVar
 import numpy as np
 import torch
 
-from ..errors import RecipeError
+from ..errors import NumericalError, RecipeError
 
 QK_K = 256
 _SHRINK = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.73, 0.70)
 
 
 def fp16(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest fp16 value (kept in fp32), as the format stores it."""
-    return x.to(torch.float16).to(torch.float32)
+    """Round to the nearest fp16 value (kept in fp32), as the format stores it; a value beyond
+    fp16's range is a NumericalError (the block would hold inf)."""
+    y = x.to(torch.float16).to(torch.float32)
+    if not torch.isfinite(y).all():
+        raise NumericalError(f"a GGUF block scale of {x[~torch.isfinite(y)].flatten()[0].item():.4g} is beyond "
+                             "fp16's range (weights too large for llama.cpp's block formats)")
+    return y
 
 
 def _safe(s: torch.Tensor) -> torch.Tensor:
@@ -54,7 +59,7 @@ def _search_sym(w: torch.Tensor, imp: torch.Tensor | None, lo: int, hi: int, sto
     _SHRINK; ``store`` rounds a candidate to what the format stores."""
     idx = w.abs().argmax(-1, keepdim=True)
     smax = torch.gather(w, -1, idx).squeeze(-1)
-    best_s = smax / lo
+    best_s = store(smax / lo) if store is not None else smax / lo
     best_e = torch.full_like(best_s, float("inf"))
     ends = (lo, hi) if both_ends and hi > 0 else (lo,)
     for end in ends:
@@ -80,8 +85,9 @@ def _search_asym(w: torch.Tensor, imp: torch.Tensor | None, nmax: int, min_le_ze
         wmin = wmin.clamp(max=0)
     wmax = w.amax(-1)
     iw = imp if imp is not None else torch.ones(w.shape[-1], dtype=w.dtype, device=w.device)
-    best_a = (wmax - wmin) / nmax
-    best_b = wmin
+    best_a, best_b = (wmax - wmin) / nmax, wmin
+    if store is not None:
+        best_a, best_b = store(best_a, best_b)
     best_e = torch.full_like(best_a, float("inf"))
     for p in _SHRINK:
         for refit in (False, True):
@@ -456,7 +462,7 @@ class BlockGrid:
         self.rows, self.k = rows, in_features
         self.importance = None if importance is None else importance.detach().to(torch.float32)
         self.params: list[dict | None] = [None] * (in_features // t.block)
-        self.code = torch.zeros(rows, in_features, dtype=torch.uint8)
+        self.code: torch.Tensor | None = None  # (rows, in) uint8, made on the weights' device
 
     def fit_block(self, gi: int, w: torch.Tensor) -> None:
         imp = None
@@ -470,18 +476,21 @@ class BlockGrid:
         c = self.type.codes(p, w, cols)
         if keep is not None:
             c = torch.where(keep, c, torch.full_like(c, float(self.type.zero_code)))
-        self.code[:, gi * self.block + cols.cpu()] = c.to(torch.uint8).cpu()
+        if self.code is None:
+            self.code = torch.zeros(self.rows, self.k, dtype=torch.uint8, device=w.device)
+        self.code[:, gi * self.block + cols] = c.to(torch.uint8)
         return self.type.dequantize(p, c, cols)
 
     def data(self) -> torch.Tensor:
         """(rows, nblocks * type_size) uint8: the bytes llama.cpp reads."""
         t = self.type
         parts = []
+        code = self.code.cpu() if self.code is not None else None
         for gi, p in enumerate(self.params):
-            if p is None:
+            if p is None or code is None:
                 raise RecipeError(f"GGUF block {gi} was never fitted")
             pc = {k: v.detach().cpu() for k, v in p.items()}
-            parts.append(t.pack(pc, self.code[:, gi * t.block:(gi + 1) * t.block]))
+            parts.append(t.pack(pc, code[:, gi * t.block:(gi + 1) * t.block]))
         return torch.from_numpy(np.ascontiguousarray(np.concatenate(parts, -1)))
 
 
@@ -539,7 +548,7 @@ def llama_type(ftype: str, category: str, ncols: int, layer: int | None = None, 
     ftype = check_ftype(ftype)
     t = FTYPES[ftype]
     known = layer is not None and n_layers is not None
-    if category == "output":
+    if category == "output" and not pure:  # llama-quantize --pure skips every rule, this one included
         t = "Q8_0" if ncols % TYPES[t].block or t == "Q8_0" else "Q6_K"
     elif not pure and category == "attn_v":
         if ftype == "Q2_K":

@@ -91,7 +91,8 @@ _ADAPTERS = {
     "bits": (lambda v: v is None or _int(v, 1, 16), "an integer from 1 to 16 or null"),
     "group": (lambda v: _int(v), "a positive integer"),
 }
-_GGUF = {"type": _OPT_STR, "ftype": _OPT_STR, "pure": (lambda v: isinstance(v, bool), "true or false")}
+_GGUF = {"type": _OPT_STR, "ftype": _OPT_STR, "pure": (lambda v: isinstance(v, bool), "true or false"),
+         "imatrix": (lambda v: isinstance(v, bool), "true or false")}
 _VQ = {key: (lambda v: _int(v), "a positive integer") for key in ("d", "code_bits", "block", "scale_group")}
 _HEADER = {
     "slimkit_version": _OPT_STR, "source_model": _OPT_STR, "model_type": _OPT_STR,
