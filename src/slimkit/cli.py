@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dense-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="native: dtype of the uncompressed tensors (auto: the narrowest that is exact)")
 
+    cm = sub.add_parser("compare", help="a table and a plot of quality against bits/weight for several runs",
+                        parents=[common])
+    cm.add_argument("runs", nargs="+", help="`slimkit compress` output folders")
+    cm.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    cm.add_argument("--metric", default="ppl", choices=["ppl", "kl"], help="what to plot against bits/weight")
+
     i = sub.add_parser("info", help="what a folder stores: bits/weight by part, size vs fp16", parents=[common])
     i.add_argument("dir")
 
@@ -158,6 +164,13 @@ def run(argv=None) -> int:
         from .export import export
         out = export(args.dir, args.format, args.out, dense_dtype=args.dense_dtype, device=args.device)
         print(f"wrote {out} ({args.format})")
+        return 0
+
+    if args.cmd == "compare":
+        from .eval.compare import TABLE, compare
+        out = compare(args.runs, args.out, metric=args.metric)
+        print((out / TABLE).read_text())
+        print(f"wrote {out} ({TABLE}, compare.png)")
         return 0
 
     if args.cmd == "info":

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+from ..errors import first_line
+
+log = logging.getLogger(__name__)
 
 
 def _f(x, digits=3):
@@ -47,10 +52,12 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict, plots: list[str] = ()) -> str:
     comp = report["compression"]
     lines = ["# slimkit compression report", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary_rows(report)]
+    if plots:
+        lines += ["", "## Where the error sits", ""] + [f"![{p[:-4].replace('_', ' ')}]({p})" for p in plots]
     lines += ["", "## Where the time went", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in sorted(comp["timings"].items(), key=lambda kv: -kv[1])]
     if report.get("finetune"):
@@ -78,5 +85,14 @@ def markdown(report: dict) -> str:
 
 
 def write_report(report: dict, directory: Path) -> None:
+    """report.json, report.md and its plots. A plot that fails is logged and left out: it must
+    not cost the compressed model it describes."""
+    try:
+        from .plots import report_plots
+
+        plots = report_plots(report, directory)
+    except Exception as e:  # noqa: BLE001 - matplotlib missing or failing: the report still gets written
+        log.warning("report plots skipped: %s", first_line(e))
+        plots = []
     (directory / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    (directory / "report.md").write_text(markdown(report))
+    (directory / "report.md").write_text(markdown(report, plots))
