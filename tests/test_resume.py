@@ -94,6 +94,8 @@ def test_resume_refuses_a_different_run(four_blocks, text_file, tmp_path):
     assert len(lines) == 1 and "different run" in lines[0] and "recipe" in lines[0], other.stderr
     seeds = run(four_blocks, "gptq-w4-g64", out, text_file, "--resume", "--seed", "1")
     assert seeds.returncode == 2 and "calibration" in seeds.stderr
+    threads = run(four_blocks, "gptq-w4-g64", out, text_file, "--resume", env={"OMP_NUM_THREADS": "2"})
+    assert threads.returncode == 2 and "threads" in threads.stderr, threads.stderr  # another summation order
     assert (tmp_path / ".out.partial" / "checkpoint" / "progress.json").is_file()  # the other run's progress kept
     ok = run(four_blocks, "gptq-w4-g64", out, text_file, "--resume")
     assert ok.returncode == 0, ok.stderr

@@ -328,6 +328,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
         "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
         "calibration_tokens": tensor_digest(ids), "batch_size": batch_size, "low_memory": low_memory,
         "placement": placement.describe(),
+        # the same seed gives the same bytes only with the same number of threads (reduction order)
+        "threads": torch.get_num_threads(),
         "versions": {"slimkit": __version__, "torch": torch.__version__},
     }
     ckpt = None if dist.active() else Checkpoint(partial / "checkpoint", fingerprint)
@@ -360,6 +362,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
             "compressed_params": sum(l.numel for l in result.layers),
             "peak_rss_compress_mb": peak_rss_mb(), "command": command, "resumed_from_block": resumed_from,
             "device": placement.describe() | {"peak_memory_mb": peak_device_memory_mb(placement.device)},
+            "threads": torch.get_num_threads(),
         }
         if finetune_report is not None:
             report["finetune"] = finetune_report
@@ -468,26 +471,85 @@ def evaluate_against_dense(model, dense_spec: str, windows: torch.Tensor, refere
     return out
 
 
-def evaluate_model(model: str, data: str = "shakespeare:eval", *, reference: str | None = None,
+def evaluate_model(model: str, data: str | None = None, *, reference: str | None = None,
                    seqlen: int = 512, max_tokens: int | None = 16384, progress: bool = True,
-                   device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> dict:
-    """Perplexity of ``model`` (and KL to ``reference``); each block computes on ``device``."""
-    storage = resolve_dtype(dtype, model_config(model))
+                   device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+                   tasks: str | list[str] | None = None, num_fewshot: int | None = None,
+                   limit: int | float | None = None, batch_size: int = 8,
+                   include_path: str | Path | list[str | Path] | None = None) -> dict:
+    """Perplexity of ``model`` on ``data`` (and KL to ``reference``), and/or lm-evaluation-harness
+    ``tasks`` (names, or one comma-separated string); each block computes on ``device``.
+
+    ``data=None`` means shakespeare:eval when no ``tasks`` are given; with ``tasks``, perplexity
+    runs only when ``data`` or ``reference`` is given (tasks are what was asked for, and a
+    perplexity pass costs as much as a small task). ``num_fewshot``, ``limit`` (documents per
+    task, or a fraction below 1) and ``batch_size`` go to lm-eval; ``include_path``: folders of
+    lm-eval task YAML files (local data, offline). The built-in task
+    ``slimkit_shakespeare_next_line`` is always known. lm-eval's results are under ``tasks``,
+    its task and metric names unchanged. A packed folder (``slimkit export --format native``)
+    is loaded with ``slimkit.load`` and computes in fp32, as its runtime does."""
+    from .models.loading import load_tokenizer
+    from .pack.native import is_native
+
+    names = manager = None
+    if tasks is None:
+        given = [k for k, v in (("--num-fewshot", num_fewshot), ("--limit", limit), ("--include-path", include_path))
+                 if v is not None]
+        if given:
+            raise SlimkitError(f"{', '.join(given)} only apply to --tasks")
+    else:
+        from .eval.tasks import TaskError, parse_tasks, require_lm_eval, task_manager
+
+        require_lm_eval()  # before any work: one line with the pip command
+        names = parse_tasks(tasks)
+        if num_fewshot is not None and (not isinstance(num_fewshot, int) or num_fewshot < 0):
+            raise TaskError(f"--num-fewshot must be a non-negative integer, got {num_fewshot!r}")
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+                raise TaskError(f"--limit must be positive (documents per task, or a fraction below 1), got {limit!r}")
+            if limit >= 1:
+                if limit != int(limit):
+                    raise TaskError(f"--limit of 1 or more is a number of documents: a whole number, got {limit!r}")
+                limit = int(limit)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise TaskError(f"--batch-size must be a positive integer, got {batch_size!r}")
+        manager = task_manager(names, include_path)  # unknown names: one line, before the model loads
+    if data is None and (names is None or reference is not None):
+        data = "shakespeare:eval"
+    native = is_native(Path(model).expanduser())
+    storage = torch.float32 if native else resolve_dtype(dtype, model_config(model))
     placement = Placement.make(device, storage)
-    m, tok, _ = load_model(model, dtype=storage)
-    check_positions(m.config, seqlen)
-    windows = evaluation_ids(data, tok, seqlen, max_tokens)
-    ref = None
-    if reference:
-        head = linear_head(m, placement)
-        if head is not None:  # the reference alone first, then the model: never both in memory
-            head = head.detached()
-            del m
-            ref = reference_summary(lambda: load_model(reference, dtype=storage, with_tokenizer=False)[0], windows,
-                                    head, progress=progress, placement=placement)
-            m = load_model(model, dtype=storage, with_tokenizer=False)[0]
-        else:
-            ref = load_model(reference, dtype=storage, with_tokenizer=False)[0]
-    res = evaluate(m, windows, ref, progress=progress, placement=placement)
-    return res.to_dict() | {"source": data, "model": model, "reference": reference,
-                           "device": placement.describe()}
+
+    def load(with_tokenizer: bool = True):
+        if native:  # already on the device, in fp32
+            from .pack import load as load_packed
+            return load_packed(model, device=placement.device), load_tokenizer(model) if with_tokenizer else None
+        return load_model(model, dtype=storage, with_tokenizer=with_tokenizer)[:2]
+
+    m, tok = load()
+    out = {"model": model, "reference": reference, "device": placement.describe()}
+    if data is not None:
+        check_positions(m.config, seqlen)
+        windows = evaluation_ids(data, tok, seqlen, max_tokens)
+        ref = None
+        if reference:
+            head = linear_head(m, placement)
+            if head is not None:  # the reference alone first, then the model: never both in memory
+                head = head.detached()
+                del m
+                ref = reference_summary(lambda: load_model(reference, dtype=storage, with_tokenizer=False)[0],
+                                        windows, head, progress=progress, placement=placement)
+                m = load(with_tokenizer=False)[0]
+            else:
+                ref = load_model(reference, dtype=storage, with_tokenizer=False)[0]
+        res = evaluate(m, windows, ref, progress=progress, placement=placement)
+        del ref
+        out |= res.to_dict() | {"source": data}
+    if names is not None:
+        from .calib.device import placed
+        from .eval.tasks import run_tasks
+
+        with placed(placement, m):  # lm-eval computes where the model's parameters are
+            out |= run_tasks(m, tok, names, manager, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
+                             progress=progress)
+    return out

@@ -29,7 +29,9 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         ("compressed Linears", f"{len(comp['layers'])} ({report['compressed_params']:,} weights)"),
         ("bits / weight (compressed Linears)", _f(comp["bits_per_weight"])),
         ("bits / weight by part", ", ".join(f"{k} {v:.3f}" for k, v in comp["bits_by_part"].items() if v)),
-        ("compression wall time", f"{comp['timings']['total']:.1f} s"),
+        ("compression wall time", f"{comp['timings']['total']:.1f} s"
+                                  + (f" ({report['threads']} CPU thread{'s' if report['threads'] != 1 else ''})"
+                                     if report.get("threads") else "")),
     ]
     if report.get("finetune"):
         ft = report["finetune"]
