@@ -496,7 +496,7 @@ def evaluate_model(model: str, data: str | None = None, *, reference: str | None
         given = [k for k, v in (("--num-fewshot", num_fewshot), ("--limit", limit), ("--include-path", include_path))
                  if v is not None]
         if given:
-            raise SlimkitError(f"{', '.join(given)} only apply to --tasks")
+            raise SlimkitError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only with --tasks")
     else:
         from .eval.tasks import TaskError, parse_tasks, require_lm_eval, task_manager
 
@@ -513,10 +513,13 @@ def evaluate_model(model: str, data: str | None = None, *, reference: str | None
                 limit = int(limit)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise TaskError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    native = is_native(Path(model).expanduser())
+    if not native:
+        resolve(model)  # fails fast on a missing path
+    if names is not None:
         manager = task_manager(names, include_path)  # unknown names: one line, before the model loads
     if data is None and (names is None or reference is not None):
         data = "shakespeare:eval"
-    native = is_native(Path(model).expanduser())
     storage = torch.float32 if native else resolve_dtype(dtype, model_config(model))
     placement = Placement.make(device, storage)
 

@@ -71,12 +71,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration activations in memory-mapped files beside --out, not in RAM")
 
-    e = sub.add_parser("eval", help="perplexity (and KL to a reference) of a model", parents=[common, placement])
+    e = sub.add_parser("eval", help="perplexity (and KL to a reference) of a model, and lm-eval tasks",
+                       parents=[common, placement],
+                       description="Perplexity (and KL to --reference) on --data, and/or lm-evaluation-harness "
+                                   "tasks (--tasks; needs pip install \"slimkit[eval]\"). MODEL: a model or "
+                                   "slimkit folder, a packed folder (slimkit export --format native), a .gguf "
+                                   "file, 'default' or a hub id.")
     e.add_argument("model")
-    e.add_argument("--data", default="shakespeare:eval", help="evaluation text source (default shakespeare:eval)")
+    e.add_argument("--data", default=None,
+                   help="evaluation text source for perplexity (default shakespeare:eval); with --tasks, "
+                        "perplexity runs only when --data or --reference is given")
     e.add_argument("--reference", default=None, help="dense model to measure KL against")
     e.add_argument("--seqlen", type=_positive(int), default=512)
     e.add_argument("--max-tokens", type=_positive(int), default=16384)
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval task names (e.g. piqa,arc_easy; their data is downloaded), "
+                        "plus the built-in slimkit_shakespeare_next_line (offline: the true next line of a "
+                        "held-out Shakespeare play among 4); scores keep lm-eval's task and metric names")
+    e.add_argument("--include-path", action="append", default=None, metavar="DIR",
+                   help="a folder of lm-eval task YAML files (e.g. over local JSON files: dataset_path: json, "
+                        "dataset_kwargs: {data_files: ...}, best given as absolute paths); repeatable")
+    e.add_argument("--limit", type=_positive(float), default=None,
+                   help="documents per task (a fraction of each task below 1); default all")
+    e.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    e.add_argument("--batch-size", type=_positive(int), default=8, help="lm-eval batch size (default 8)")
 
     sub.add_parser("recipes", help="list the built-in recipes", parents=[common])
 
@@ -151,12 +169,22 @@ def run(argv=None) -> int:
     if args.cmd == "eval":
         from .api import evaluate_model
         r = evaluate_model(args.model, args.data, reference=args.reference, seqlen=args.seqlen,
-                           max_tokens=args.max_tokens, progress=progress, device=args.device, dtype=args.dtype)
-        rows = [("model", r["model"]), ("data", f"{r['source']}: {r['windows']} x {r['seqlen']} tokens"),
-                ("perplexity", f"{r['ppl']:.3f}")]
+                           max_tokens=args.max_tokens, progress=progress, device=args.device, dtype=args.dtype,
+                           tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                           batch_size=args.batch_size, include_path=args.include_path)
+        rows = [("model", r["model"])]
+        if "ppl" in r:
+            rows += [("data", f"{r['source']}: {r['windows']} x {r['seqlen']} tokens"),
+                     ("perplexity", f"{r['ppl']:.3f}")]
         if r.get("kl") is not None:
             rows += [("reference perplexity", f"{r['ref_ppl']:.3f}"), ("KL(reference || model)", f"{r['kl']:.4f}"),
                      ("KL method", r["kl_method"])]
+        if "tasks" in r:
+            from .eval.tasks import task_rows
+            shots = "each task's own" if r["num_fewshot"] is None else r["num_fewshot"]
+            rows += [("lm-eval", f"{r['lm_eval_version']}, few-shot {shots}"
+                                 + (f", limit {r['limit']}" if r["limit"] is not None else ""))]
+            rows += task_rows(r)
         print(_table(rows))
         return 0
 
