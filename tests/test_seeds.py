@@ -77,3 +77,17 @@ def test_same_seed_and_threads_give_the_same_bytes_and_the_report_says_how_many(
     assert h1 == h2
     assert (r1["threads"], r3["threads"]) == (1, 2)
     assert "(1 CPU thread)" in (tmp_path / "a" / "report.md").read_text()
+
+
+def test_cli_seeds(tiny_llama, text_file, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "slimkit", "compress", str(tiny_llama), "--recipe", "rtn-w4-g64",
+                        "--out", str(tmp_path / "s"), "--calib", str(text_file), "--eval", str(text_file),
+                        "--nsamples", "4", "--seqlen", "32", "--eval-tokens", "256", "--seeds", "3,4", "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "s" / "seeds.json").read_text())
+    assert [row["seed"] for row in summary["seeds"]] == [3, 4]
+    assert "perplexity (mean ± std)" in r.stdout and "seed 3" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "slimkit", "compress", str(tiny_llama), "--recipe", "rtn-w4-g64",
+                          "--out", str(tmp_path / "t"), "--seeds", "1,x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--seeds takes integers" in bad.stderr and not (tmp_path / "t").exists()

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nsamples", type=_positive(int), default=128, help="calibration sequences (default 128)")
     c.add_argument("--seqlen", type=_positive(int), default=512, help="tokens per sequence (default 512)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="run the recipe once per calibration seed into OUT/seed-<s> and report mean and spread "
+                        "of perplexity and KL (OUT/seeds.md); replaces --seed")
     c.add_argument("--eval", dest="eval_data", default="shakespeare:eval",
                    help="held-out text for perplexity/KL after compression (default shakespeare:eval)")
     c.add_argument("--no-eval", action="store_true", help="skip the evaluation")
@@ -148,6 +151,23 @@ def run(argv=None) -> int:
         from .recipe import builtin_recipes, load_recipe
         rows = [(name, load_recipe(name).description) for name in builtin_recipes()]
         print(_table(rows))
+        return 0
+
+    if args.cmd == "compress" and args.seeds is not None:
+        from .seeds import compress_seeds, parse_seeds
+        from .seeds import summary_rows as seed_rows
+        seeds = parse_seeds(args.seeds)
+        summary = compress_seeds(args.model, args.recipe, args.out, seeds, calib=args.calib, nsamples=args.nsamples,
+                                 seqlen=args.seqlen, eval_data=None if args.no_eval else args.eval_data,
+                                 eval_tokens=args.eval_tokens, batch_size=args.batch_size, progress=progress,
+                                 reference_cache=args.reference_cache, resume=args.resume,
+                                 low_memory=args.low_memory, offload_activations=args.offload_activations,
+                                 device=args.device, dtype=args.dtype,
+                                 command="slimkit " + shlex.join(sys.argv[1:] if argv is None else argv))
+        if summary.get("worker"):
+            return 0
+        print(_table(seed_rows(summary)))
+        print(f"\nwrote {args.out} (seed-*/, seeds.md, seeds.json)")
         return 0
 
     if args.cmd == "compress":
