@@ -343,3 +343,24 @@ def test_export_refuses_blocks_that_are_not_the_model(wide_llama, tmp_path):
     with pytest.raises(PackError, match="model.layers.1.mlp.up_proj: its recorded GGUF Q4_0 blocks do not reproduce"):
         export(src, "gguf", tmp_path / "g")
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q3_K"])
+def test_act_order_with_static_blocks_stays_exact_and_lowers_the_error(name):
+    from helpers import correlated_inputs
+
+    from slimkit.ops.obs import inverse_hessian, obs_sweep
+
+    k = 512
+    X = correlated_inputs(4096, k, seed=1)
+    H = 2 * X.T @ X / X.shape[0]
+    W = torch.randn(64, k, generator=torch.Generator().manual_seed(5)) * 0.02
+    t = TYPES[name]
+    err = {}
+    for ao in (False, True):
+        grid = BlockGrid(t, 64, k, H.diagonal().clone())
+        r = obs_sweep(W, inverse_hessian(H, actorder=ao), block_grid=grid)
+        assert torch.equal(dequantize_data(grid.data(), t, k), r.W)  # every value on the format's grid
+        D = r.W - W
+        err[ao] = torch.einsum("ij,jk,ik->", D, H, D).item()
+    assert err[True] < 0.9 * err[False]

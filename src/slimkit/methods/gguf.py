@@ -108,11 +108,14 @@ class GPTQGGUF(SweepFields, GGUFFields, Stage):
     uniform_grid = False
     accepts_mask = False
     calibrated = True
-    examples = ({"ftype": "Q4_0"}, {"ftype": "Q3_K_M"})
+    examples = ({"ftype": "Q4_0"}, {"ftype": "Q3_K_M", "actorder": True})
+    actorder: bool = False  # sweep columns by decreasing Hessian diagonal, every block fitted up front
 
     def __post_init__(self):
         self.check_gguf()
         self.check_sweep()
+        if not isinstance(self.actorder, bool):
+            raise RecipeError(f"actorder must be true or false, got {self.actorder!r}")
 
     def pattern(self) -> Sparsity | None:
         return None
@@ -123,7 +126,7 @@ class GPTQGGUF(SweepFields, GGUFFields, Stage):
     def apply(self, state: LinearState, stats: LinearStats) -> LinearState:
         self.refuse_mask(state)
         out, k = state.weight.shape
-        inv = stats.inverse(self.percdamp, False, state.name)
+        inv = stats.inverse(self.percdamp, self.actorder and self.pattern() is None, state.name)
         imp = stats.hessian.diagonal().clone()
         grid = BlockGrid(TYPES[self.layer_type(state.name, k, state)], out, k, importance=imp)
         pattern = self.pattern()
@@ -148,6 +151,8 @@ class SparseGPTGGUF(GPTQGGUF):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.actorder:
+            raise RecipeError("act-order cannot be combined with pruning in the same sweep (N:M runs)")
         parse_sparsity(self.sparsity)
         types = {llama_type(self.ftype, cat, n, layer, 16, gqa, pure=self.pure)
                  for cat in (*CATEGORIES.values(), "output", "other") for n in (4096, 4128)

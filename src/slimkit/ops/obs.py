@@ -128,13 +128,11 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
     uniform grid of ``quant`` group by group (``quant`` then only gives the group layout);
     ``record_inputs`` returns every column as it was just before it was rounded. ``block_grid``
     (a GGUF block type, ops.gguf.BlockGrid) quantizes instead of ``quant``: it fits each block
-    when the sweep reaches it, keeps its own parameters and codes, and leaves values that are
-    exactly its format's (no act-order)."""
+    when the sweep reaches it (with act-order: every block up front, "static groups"), keeps its
+    own parameters and codes, and leaves values that are exactly its format's."""
     if block_grid is not None:
         if quant is not None or grid is not None:
             raise RecipeError("a GGUF block grid replaces the uniform grid: give one or the other")
-        if inv.perm is not None:
-            raise RecipeError("act-order cannot be combined with a GGUF block grid (its blocks are fixed runs of columns)")
     if quant is None and sparsity is None and block_grid is None:
         raise RecipeError("an OBS sweep needs a quantizer, a sparsity target or both")
     if grid is not None and quant is None:
@@ -172,6 +170,12 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
             dynamic = True
             scale = W.new_zeros(out, G)
             zero = W.new_zeros(out, G)
+    static = block_grid is not None and perm is not None
+    if static:  # act-order with static blocks: every block fitted up front, on the natural column order
+        for gi in range(k // block_grid.block):
+            sl = slice(gi * block_grid.block, (gi + 1) * block_grid.block)
+            block_grid.fit_block(gi, W[:, sl] * keep[:, sl] if keep is not None else W[:, sl])
+    perm_list = perm.tolist() if static else None  # the natural column of every sweep position
     if perm is not None:
         W = W[:, perm]
         if keep is not None:
@@ -214,8 +218,8 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
                     scale[:, gi], zero[:, gi] = fit_one(gi, blk)
                 q = fq(gi, w, scale[:, gi], zero[:, gi])
             elif block_grid is not None:
-                bi, c = divmod(col, bg)
-                if c == 0:
+                bi, c = divmod(perm_list[col] if static else col, bg)
+                if c == 0 and not static:
                     blk = W1[:, j:j + bg]
                     block_grid.fit_block(bi, blk * keep1[:, j:j + bg] if keep1 is not None else blk)
                 q = block_grid.columns(bi, torch.tensor([c]), w[:, None],
