@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 
 from ..errors import RecipeError
 from ..ops.gguf import CATEGORIES, TYPES, BlockGrid, category_of, check_ftype, check_width, llama_type, storage_bits
@@ -87,12 +86,7 @@ class RTNGGUF(GGUFFields, Stage):
         self.refuse_mask(state)
         out, k = state.weight.shape
         grid = BlockGrid(TYPES[self.layer_type(state.name, k, state)], out, k)
-        W = state.weight.clone()
-        for gi in range(k // grid.block):
-            sl = slice(gi * grid.block, (gi + 1) * grid.block)
-            grid.fit_block(gi, state.weight[:, sl])
-            W[:, sl] = grid.columns(gi, torch.arange(grid.block), state.weight[:, sl])
-        return self.record(state, grid, W)
+        return self.record(state, grid, grid.round_all(state.weight))
 
 
 @register

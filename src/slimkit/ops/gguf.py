@@ -439,13 +439,8 @@ def check_width(t: GGUFType, in_features: int, what: str = "a layer") -> None:
 def encode_rtn(W: torch.Tensor, t: GGUFType, imp: torch.Tensor | None = None) -> Encoded:
     """Round-to-nearest of W (rows, in) into ``t``, block by block (imp: (in,) importance or None)."""
     check_width(t, W.shape[1])
-    W = W.detach().to(torch.float32)
     grid = BlockGrid(t, W.shape[0], W.shape[1], imp)
-    vals = torch.empty_like(W)
-    for gi in range(W.shape[1] // t.block):
-        sl = slice(gi * t.block, (gi + 1) * t.block)
-        grid.fit_block(gi, W[:, sl])
-        vals[:, sl] = grid.columns(gi, torch.arange(t.block), W[:, sl])
+    vals = grid.round_all(W)
     return Encoded(t, vals, grid.data())
 
 
@@ -480,6 +475,16 @@ class BlockGrid:
             self.code = torch.zeros(self.rows, self.k, dtype=torch.uint8, device=w.device)
         self.code[:, gi * self.block + cols] = c.to(torch.uint8)
         return self.type.dequantize(p, c, cols)
+
+    def round_all(self, W: torch.Tensor) -> torch.Tensor:
+        """Round-to-nearest of the whole matrix W (rows, in), block by block; -> its values."""
+        W = W.detach().to(torch.float32)
+        vals = torch.empty_like(W)
+        for gi in range(self.k // self.block):
+            sl = slice(gi * self.block, (gi + 1) * self.block)
+            self.fit_block(gi, W[:, sl])
+            vals[:, sl] = self.columns(gi, torch.arange(self.block, device=W.device), W[:, sl])
+        return vals
 
     def data(self) -> torch.Tensor:
         """(rows, nblocks * type_size) uint8: the bytes llama.cpp reads."""
