@@ -26,7 +26,7 @@ from .eval import evaluate
 from .eval.perplexity import DenseReference, ReferenceCache, linear_head, reference_summary, windows_key
 from .eval.report import write_report
 from .models import layout_for, load_model
-from .models.layout import ResidentBlocks
+from .models.layout import ModelLayout, ResidentBlocks
 from .models.streaming import StreamedModel
 from .models.loading import model_config, resolve
 from .recipe import Recipe, load_recipe
@@ -303,6 +303,11 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
             raise SlimkitError(f"unsupported architecture {layout.model_type!r}: its decoder blocks hold no nn.Linear "
                                f"layers (2-D weights in: {', '.join(kinds) or 'none'})")
         raise SlimkitError(f"recipe {rec.name!r} ignores every Linear of the model")
+    if rec.model_stages and streamed is not None:
+        raise SlimkitError(f"recipe {rec.name!r} starts with {rec.model_stages[0].name}, which transforms the whole "
+                           "model before calibration: it needs the model in memory (drop --low-memory)")
+    for st in rec.model_stages:
+        st.check_model(m, layout.blocks(m), layout.model_type)
     check_positions(m.config, seqlen)
     check_resources(m, nsamples=nsamples, seqlen=seqlen, out=out_path, placement=placement,
                     offload_activations=offload_activations, eval_tokens=eval_tokens if eval_data else None,
@@ -320,6 +325,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
         ReferenceCache(reference_cache, "").check_location()
 
     if dist.rank() != 0:  # a helper worker: statistics of its share, collectives; worker 0 writes
+        transform_model(m, layout, rec, placement)
         compress_model(m, layout, rec, ids, batch_size=batch_size, progress=False, placement=placement)
         return {"worker": dist.rank()}
     records = _Records(keep_adapters=rec.finetune is not None, spill=low_memory)
@@ -340,6 +346,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
             reference = dense_reference_for(model, windows, resident=None if streamed is not None else m,
                                             reference_cache=reference_cache, placement=placement, progress=progress)
         records.directory = tmp
+        # after the dense reference (of the original model), before calibration
+        transforms, reference = transform_model(m, layout, rec, placement, reference)
         result = compress_model(m, layout, rec, ids, batch_size=batch_size, progress=progress,
                                 on_layer=records.on_layer, checkpoint=ckpt, on_block=records.on_block,
                                 on_restore=records.on_restore, source=source,
@@ -366,6 +374,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
         }
         if finetune_report is not None:
             report["finetune"] = finetune_report
+        if transforms:
+            report["transforms"] = transforms
         t = time.perf_counter()
         if streamed is not None:
             streamed.write_rest(tmp)  # the blocks are in their shards already
@@ -390,6 +400,24 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
         if ckpt:
             ckpt.remove()
     return report
+
+
+def transform_model(m, layout: ModelLayout, rec: Recipe, placement: Placement,
+                    reference: DenseReference | None = None) -> tuple[dict, DenseReference | None]:
+    """Run the recipe's model-level stages (rotate) on the whole resident model: what each did, and
+    the dense reference made to follow the head they changed."""
+    done = {}
+    for st in rec.model_stages:
+        t = time.perf_counter()
+        res = st.transform(m, layout.blocks(m), layout.model_type, device=placement.device)
+        done[st.name] = res.info | {"seconds": time.perf_counter() - t}
+        if reference is not None and res.head_map is not None:
+            head = linear_head(m, placement)
+            if head is None:
+                raise SlimkitError(f"after {st.name} the model's logits are no longer its head applied to its "
+                                   "last hidden state")
+            reference = reference.with_head_map(res.head_map, head.digest())
+    return done, reference
 
 
 class _Records:

@@ -151,8 +151,17 @@ class Recipe:
                     re.compile(pat[3:])
                 except re.error as e:
                     raise RecipeError(f"recipe {self.name!r}: bad regex {pat!r}: {e}") from None
-        lone = [s.name for s in self.stages if s.alone]
-        if lone and len(self.stages) > 1:
+        levels = [s.model_level for s in self.stages]
+        if all(levels):
+            raise RecipeError(f"recipe {self.name!r} has no stage that compresses a Linear")
+        if any(levels[levels.index(False):]):
+            raise RecipeError(f"recipe {self.name!r}: a model-level stage ("
+                              f"{next(s.name for s in self.stages if s.model_level)}) must come before every "
+                              "per-Linear stage")
+        if sum(levels) > 1:
+            raise RecipeError(f"recipe {self.name!r} has more than one model-level stage")
+        lone = [s.name for s in self.layer_stages if s.alone]
+        if lone and len(self.layer_stages) > 1:
             raise RecipeError(f"recipe {self.name!r}: {lone[0]} writes the layer's final stored form (GGUF blocks) "
                               "and must be the recipe's only stage (sparsegpt_gguf prunes in the same sweep)")
         if sum(1 for s in self.stages if s.prunes) > 1:
@@ -160,6 +169,15 @@ class Recipe:
         if self.finetune is not None and not any(_makes_adapters(s) for s in self.stages):
             raise RecipeError(f"recipe {self.name!r}: its finetune: section trains low-rank adapters, but no "
                               "stage makes any (slim_lora, or reallm with a rank above 0)")
+
+    @property
+    def layer_stages(self) -> list[Stage]:
+        """The stages that run on every Linear (model-level stages such as rotate run before)."""
+        return [s for s in self.stages if not s.model_level]
+
+    @property
+    def model_stages(self) -> list[Stage]:
+        return [s for s in self.stages if s.model_level]
 
     @property
     def needs(self) -> set[str]:

@@ -144,7 +144,7 @@ def check_recipe_fits(source, recipe: Recipe) -> int:
                         if not recipe.ignores(f"{base}.{e}.{proj}"):
                             shapes[f"{base}.{e}.{proj}"] = shape
         for name, (out_f, in_f) in shapes.items():
-            for stage in recipe.stages:
+            for stage in recipe.layer_stages:
                 stage.check_layer(name, out_f, in_f)
             count += 1
     return count
@@ -154,7 +154,7 @@ def data_free_stages(recipe: Recipe) -> list[Stage]:
     """What an expert that saw too few calibration tokens gets: round-to-nearest on the grid of
     each quantizing stage of the recipe (sparsifiers and adapter stages are skipped)."""
     out = []
-    for st in recipe.stages:
+    for st in recipe.layer_stages:
         bits = getattr(st, "bits", None)
         if st.quantizes and isinstance(bits, int) and 2 <= bits <= 8:
             g = getattr(st, "group_size", 128)
@@ -197,7 +197,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
     bound_host_heap()  # peak memory must not creep up with the number of blocks
     dev, cdt = placement.device, placement.compute
     check_recipe_fits(source, recipe)
-    refiners = [st for st in recipe.stages if type(st).refine_block is not Stage.refine_block]
+    refiners = [st for st in recipe.layer_stages if type(st).refine_block is not Stage.refine_block]
     n_sequences = int(calib_ids.shape[0])
     if dist.active():  # torchrun: this worker's share of the calibration windows
         if refiners:
@@ -295,7 +295,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
                                             f"{', '.join(s.describe() for s in data_free_stages(recipe)) or 'left dense'}")
                 log.info("%s: %s", name, state.notes["data_free"])
             else:
-                for stage in recipe.stages:
+                for stage in recipe.layer_stages:
                     state = stage.run(state, stats.get(name))
             for sname, sec in state.notes.get("seconds", {}).items():
                 timings[f"stage:{sname}"] += sec

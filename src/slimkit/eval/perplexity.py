@@ -24,6 +24,7 @@ vocabulary and averaged over every predicted token. It is computed exactly, in o
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -183,6 +184,16 @@ class DenseReference:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.target_lp, self.const, self.moment))
+
+    def with_head_map(self, M: torch.Tensor, head_digest: str) -> "DenseReference":
+        """The same reference for a model whose head is W M (a rotation fused into the head and the
+        stream before it, methods.rotate): the moment W^T p becomes M^T W^T p, kept in fp64 so that the
+        product adds no rounding to the identity; the constant is unchanged."""
+        M = M.to(self.moment.device, torch.float64)
+        moment = torch.empty(self.moment.shape, dtype=torch.float64, device=self.moment.device)
+        for s in range(0, moment.shape[0], _VOCAB_CHUNK):
+            moment[s:s + _VOCAB_CHUNK] = self.moment[s:s + _VOCAB_CHUNK].double() @ M
+        return dataclasses.replace(self, moment=moment, head_digest=head_digest)
 
 
 def _general_products(p: torch.Tensor, lp: torch.Tensor, head: LinearHead) -> tuple[torch.Tensor, torch.Tensor]:

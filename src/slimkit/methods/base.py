@@ -247,6 +247,8 @@ class Stage:
     uniform_grid: ClassVar[bool] = True  # a quantizing stage that leaves a uniform grid in state.quant
     accepts_mask: ClassVar[bool] = True  # can run on an already pruned layer and keep its mask
     alone: ClassVar[bool] = False  # must be a recipe's only stage (its stored form is final: GGUF blocks)
+    # works on the whole model before calibration (``transform``), not per Linear: rotate
+    model_level: ClassVar[bool] = False
 
     def apply(self, state: LinearState, stats: LinearStats | None) -> LinearState:
         raise NotImplementedError
