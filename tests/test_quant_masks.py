@@ -87,3 +87,37 @@ def test_nm_mask_exact(pattern):
 def test_row_mask_ratio():
     keep = mask_from_scores(torch.rand(5, 100), parse_sparsity(0.3))
     assert torch.all(keep.sum(1) == 70)
+
+
+def _weighted_group_errors(W, spec, imp):
+    """(out, G) importance-weighted squared error of every (row, group) under ``spec``'s fit."""
+    s, z = fit(W, spec, imp)
+    e = (fake_quantize_matrix(W, s, z, spec) - W) ** 2 * imp[None, :]
+    return torch.stack([e[:, sl].sum(1) for sl in group_slices(W.shape[1], spec.group_size)], 1)
+
+
+@pytest.mark.parametrize("bits,group,sym", [(2, 16, False), (3, 32, True), (4, 24, False), (4, None, True)])
+def test_weighted_search_never_worse_than_minmax_on_any_group(bits, group, sym):
+    g = torch.Generator().manual_seed(bits)
+    W = torch.randn(48, 96, generator=g) * torch.exp(torch.randn(96, generator=g))[None, :]
+    imp = torch.exp(2 * torch.randn(96, generator=g))  # uneven second moments, as real inputs have
+    weighted = _weighted_group_errors(W, QuantSpec(bits, group, sym, weighted_search=True), imp)
+    minmax = _weighted_group_errors(W, QuantSpec(bits, group, sym), imp)
+    unweighted = _weighted_group_errors(W, QuantSpec(bits, group, sym, clip_search=True), imp)
+    assert (weighted <= minmax * (1 + 1e-6)).all()
+    assert weighted.sum() < 0.95 * minmax.sum()  # the search does find better ranges
+    assert weighted.sum() < unweighted.sum()  # and the weights matter
+
+
+def test_weighted_search_needs_importance_and_excludes_clip_search():
+    with pytest.raises(RecipeError, match="choose one"):
+        QuantSpec(4, 32, clip_search=True, weighted_search=True)
+    with pytest.raises(RecipeError, match="second moments"):
+        fit(torch.randn(4, 32), QuantSpec(4, 32, weighted_search=True))
+
+
+def test_rtn_weighted_search_asks_for_calibration_statistics():
+    from slimkit.methods import build_stage
+
+    assert build_stage({"method": "rtn", "bits": 4}).needs == frozenset()
+    assert build_stage({"method": "rtn", "bits": 4, "weighted_search": True}).needs == {"act_norm"}

@@ -227,3 +227,27 @@ def test_input_sample_keeps_first_rows():
     stats.add(X[200:])
     stats.finalize()
     assert torch.equal(stats.sample, X[:250])
+
+
+@pytest.mark.parametrize("actorder", [False, True])
+def test_sweep_fits_weighted_groups_with_the_input_moments(actorder):
+    """A weighted_search grid inside the sweep is fitted with the columns' second moments: with
+    act-order (static groups) its scales are exactly the weighted fit of the initial weights."""
+    from slimkit.ops.quant import fit
+
+    W, X, stats = layer()
+    spec = QuantSpec(3, 32, weighted_search=True)
+    inv = stats.inverse(0.01, actorder, "layer")
+    with pytest.raises(RecipeError, match="second moments"):
+        obs_sweep(W, inv, quant=spec)
+    res = obs_sweep(W, inv, quant=spec, importance=stats.act_norm)
+    levels = (res.W[:, :32] / res.scale[:, :1]).round() - res.W[:, :32] / res.scale[:, :1]
+    assert levels.abs().max() < 1e-3  # every weight on its group's grid
+    if actorder:
+        s, z = fit(W, spec, stats.act_norm)
+        assert torch.equal(res.scale, s) and torch.equal(res.zero, z)
+    else:  # groups fitted as the sweep reaches them: the first one sees the weights unchanged
+        s, z = fit(W[:, :32], spec, stats.act_norm[:32])
+        assert torch.equal(res.scale[:, :1], s) and torch.equal(res.zero[:, :1], z)
+        s_plain, _ = fit(W, QuantSpec(3, 32, clip_search=True))
+        assert not torch.equal(res.scale, s_plain)

@@ -316,6 +316,8 @@ class QuantFields:
     group_size: int | None = 128
     symmetric: bool = False
     clip_search: bool = False
+    weighted_search: bool = False  # range per (row, group) minimising the act-weighted squared error
 
     def quant_spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.symmetric, self.clip_search)
+        return QuantSpec(self.bits, self.group_size, self.symmetric, self.clip_search,
+                         weighted_search=self.weighted_search)

@@ -26,7 +26,8 @@ class GPTQ(SweepFields, QuantFields, Stage):
     name = "gptq"
     needs = frozenset({HESSIAN})
     quantizes = True
-    examples = ({"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 48, "actorder": True})
+    examples = ({"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 48, "actorder": True},
+                {"bits": 3, "group_size": 16, "weighted_search": True, "actorder": True})
     actorder: bool = False
 
     def __post_init__(self):
@@ -36,9 +37,10 @@ class GPTQ(SweepFields, QuantFields, Stage):
     def apply(self, state: LinearState, stats: LinearStats) -> LinearState:
         spec = self.quant_spec()
         inv = stats.inverse(self.percdamp, self.actorder, state.name)
+        importance = stats.act_norm if spec.weighted_search else None  # proportional to diag(H)
 
         def requantize(target, mask):
-            res = obs_sweep(target, inv, quant=spec, mask=mask, blocksize=self.blocksize)
+            res = obs_sweep(target, inv, quant=spec, mask=mask, blocksize=self.blocksize, importance=importance)
             return res.W, res.scale, res.zero
 
         state.weight, state.scale, state.zero = requantize(state.weight, state.mask)

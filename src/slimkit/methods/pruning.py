@@ -77,6 +77,7 @@ class SparseGPT(SweepFields, PruneFields, Stage):
     group_size: int | None = 128
     symmetric: bool = False
     clip_search: bool = False
+    weighted_search: bool = False
 
     def __post_init__(self):
         self.pattern()
@@ -90,18 +91,21 @@ class SparseGPT(SweepFields, PruneFields, Stage):
     def quant_spec(self) -> QuantSpec | None:
         if self.bits is None:
             return None
-        return QuantSpec(self.bits, self.group_size, self.symmetric, self.clip_search)
+        return QuantSpec(self.bits, self.group_size, self.symmetric, self.clip_search,
+                         weighted_search=self.weighted_search)
 
     def apply(self, state: LinearState, stats: LinearStats) -> LinearState:
         if state.mask is not None:
             raise RecipeError(f"{state.name} is already pruned; a recipe prunes once")
         spec, pattern = self.quant_spec(), self.pattern()
         inv = stats.inverse(self.percdamp, False, state.name)
-        res = obs_sweep(state.weight, inv, quant=spec, sparsity=pattern, blocksize=self.blocksize)
+        importance = stats.act_norm if spec is not None and spec.weighted_search else None
+        res = obs_sweep(state.weight, inv, quant=spec, sparsity=pattern, blocksize=self.blocksize,
+                        importance=importance)
         state.weight, state.mask, state.sparsity = res.W, res.keep, pattern
         if spec is not None:
             def requantize(target, mask):  # GPTQ on a fixed mask
-                r = obs_sweep(target, inv, quant=spec, mask=mask, blocksize=self.blocksize)
+                r = obs_sweep(target, inv, quant=spec, mask=mask, blocksize=self.blocksize, importance=importance)
                 return r.W, r.scale, r.zero
 
             state.quant, state.scale, state.zero = spec, res.scale, res.zero

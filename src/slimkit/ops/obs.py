@@ -121,7 +121,7 @@ def _block_size(blocksize: int, quant: QuantSpec | None, sparsity: Sparsity | No
 def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None = None,
               sparsity: Sparsity | None = None, mask: torch.Tensor | None = None,
               blocksize: int = 128, grid: GroupGrid | None = None, record_inputs: bool = False,
-              block_grid: BlockGrid | None = None) -> SweepResult:
+              block_grid: BlockGrid | None = None, importance: torch.Tensor | None = None) -> SweepResult:
     """Prune (``sparsity``, chosen inside the sweep as SparseGPT does), keep an existing ``mask``,
     and/or quantize (``quant``, groups fitted as the sweep reaches them; with act-order the
     groups are fitted up front on the natural column order) W (out, in). ``grid`` replaces the
@@ -129,7 +129,8 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
     ``record_inputs`` returns every column as it was just before it was rounded. ``block_grid``
     (a GGUF block type, ops.gguf.BlockGrid) quantizes instead of ``quant``: it fits each block
     when the sweep reaches it (with act-order: every block up front, "static groups"), keeps its
-    own parameters and codes, and leaves values that are exactly its format's."""
+    own parameters and codes, and leaves values that are exactly its format's. ``importance`` (in,),
+    natural order: the columns' weights of a ``weighted_search`` grid fit."""
     if block_grid is not None:
         if quant is not None or grid is not None:
             raise RecipeError("a GGUF block grid replaces the uniform grid: give one or the other")
@@ -137,7 +138,15 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
         raise RecipeError("an OBS sweep needs a quantizer, a sparsity target or both")
     if grid is not None and quant is None:
         raise RecipeError("a per-group grid needs a QuantSpec for its group layout")
-    fit_one = grid.fit if grid is not None else (lambda gi, w: fit_group(w, quant))
+    if quant is not None and quant.weighted_search and importance is None:
+        raise RecipeError("weighted_search needs the input's second moments (calibration statistics)")
+    if importance is not None and quant is not None:
+        importance = importance.to(W.device, torch.float32)
+        g_ = quant.group_width(W.shape[1])
+        fit_one = grid.fit if grid is not None else (
+            lambda gi, w: fit_group(w, quant, importance[gi * g_:gi * g_ + w.shape[1]]))
+    else:
+        fit_one = grid.fit if grid is not None else (lambda gi, w: fit_group(w, quant))
     fq = grid.fake_quantize if grid is not None else (lambda gi, w, s, z: fake_quantize(w, s, z, quant.bits))
     if sparsity is not None and mask is not None:
         raise RecipeError("a layer that is already pruned cannot be pruned again")
@@ -161,7 +170,7 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
         g = quant.group_width(k)
         col_group = torch.arange(k) // g  # group of every natural column (host side: read per column)
         if (perm is not None or G == 1) and grid is None:
-            scale, zero = fit(W * keep if keep is not None else W, quant)
+            scale, zero = fit(W * keep if keep is not None else W, quant, importance)
         elif perm is not None or G == 1:
             Wk = W * keep if keep is not None else W
             pairs = [grid.fit(gi, Wk[:, sl]) for gi, sl in enumerate(group_slices(k, quant.group_size))]

@@ -28,6 +28,9 @@ class QuantSpec:
     symmetric: bool = False
     clip_search: bool = False  # search a per-row shrink of the range (GPTQ's "mse" grid)
     per_tensor: bool = False  # one scale for the whole matrix (stored per row, counted once)
+    # search the shrink that minimises the importance-weighted squared error sum_j d_j (Q(w_j) - w_j)^2,
+    # d the input's second moment (the Hessian diagonal; llm-compressor's imatrix_mse observer)
+    weighted_search: bool = False
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
@@ -36,6 +39,8 @@ class QuantSpec:
             not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1
         ):
             raise RecipeError(f"group_size must be a positive integer or null (per-channel), got {self.group_size!r}")
+        if self.weighted_search and self.clip_search:
+            raise RecipeError("clip_search and weighted_search are two range searches: choose one")
 
     @property
     def maxq(self) -> int:
@@ -84,15 +89,20 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
 
 
 def search_params(
-    w: torch.Tensor, bits: int, symmetric: bool, grid: int = 100, maxshrink: float = 0.8, norm: float = 2.4
+    w: torch.Tensor, bits: int, symmetric: bool, grid: int = 100, maxshrink: float = 0.8, norm: float = 2.4,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max params with the per-row shrink factor that minimises sum |Q(w) - w|^norm."""
+    """Min-max params with the per-row shrink factor that minimises sum_j d_j |Q(w_j) - w_j|^norm
+    (d = ``importance`` (k,) of the columns, else 1). The shrink 1 (min-max itself) is a candidate,
+    so the result never has a higher error than min-max."""
     best_s, best_z = minmax_params(w, bits, symmetric)
     best_err = torch.full((w.shape[0],), float("inf"), dtype=w.dtype, device=w.device)
+    d = None if importance is None else importance.to(w.device, w.dtype)[None, :]
     for i in range(int(maxshrink * grid)):
         p = 1 - i / grid
         s, z = minmax_params(w * p, bits, symmetric)
-        err = (fake_quantize(w, s[:, None], z[:, None], bits) - w).abs().pow(norm).sum(dim=1)
+        e = (fake_quantize(w, s[:, None], z[:, None], bits) - w).abs().pow(norm)
+        err = (e if d is None else e * d).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)
@@ -100,8 +110,14 @@ def search_params(
     return best_s, best_z
 
 
-def fit_group(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Params for one group of columns ``w`` (rows, k) -> (rows,), (rows,)."""
+def fit_group(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Params for one group of columns ``w`` (rows, k) -> (rows,), (rows,); ``importance`` (k,)
+    weighs the columns' errors for ``weighted_search``."""
+    if spec.weighted_search:
+        if importance is None:
+            raise RecipeError("weighted_search needs the input's second moments (calibration statistics)")
+        return search_params(w, spec.bits, spec.symmetric, norm=2.0, importance=importance)
     if spec.clip_search:
         return search_params(w, spec.bits, spec.symmetric)
     return minmax_params(w, spec.bits, spec.symmetric)
@@ -113,9 +129,12 @@ def group_slices(in_features: int, group_size: int | None):
     return [slice(s, min(s + g, in_features)) for s in range(0, in_features, g)]
 
 
-def fit(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero of every (row, group) of W (out, in) -> (out, G), (out, G)."""
-    pairs = [fit_group(W[:, sl], spec) for sl in group_slices(W.shape[1], spec.group_size)]
+def fit(W: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of every (row, group) of W (out, in) -> (out, G), (out, G); ``importance``
+    (in,): the columns' weights for ``weighted_search``."""
+    pairs = [fit_group(W[:, sl], spec, None if importance is None else importance[sl])
+             for sl in group_slices(W.shape[1], spec.group_size)]
     return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
 
 
