@@ -178,3 +178,20 @@ def test_low_memory_refuses_a_rotation(tiny_llama, text_file, tmp_path):
         compress(str(tiny_llama), rec, tmp_path / "o", calib=str(text_file), nsamples=2, seqlen=16, eval_data=None,
                  progress=False, low_memory=True)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma"])
+def test_bf16_model_rotates_with_norm_scales_read_exactly(model_type):
+    from slimkit.methods.rotate import norm_scale
+
+    m = _model(model_type, tied=False).to(torch.bfloat16)
+    norm = m.model.layers[0].input_layernorm
+    g, ident = norm_scale(norm, "n")
+    expect = norm.weight.double() + (1.0 if model_type == "gemma" else 0.0)
+    assert torch.equal(g, expect) and ident == (0.0 if model_type == "gemma" else 1.0)
+    ids = torch.randint(0, 300, (1, 16))
+    before = _logits(m, ids)
+    layout = layout_for(m)
+    Rotate().transform(m, layout.blocks(m), model_type)
+    assert m.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert _close(_logits(m, ids), before, rel=5e-2)  # bf16 storage rounds the rotated weights

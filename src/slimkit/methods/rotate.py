@@ -45,24 +45,28 @@ def _probe(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def norm_scale(norm: nn.Module, name: str) -> tuple[torch.Tensor, float]:
-    """The per-channel scale g an RMSNorm applies after normalising (g = w, or 1 + w for gemma), and
-    the weight value that makes it the identity; ModelError for a norm that is not x / rms(x) * g."""
+    """The per-channel scale g (float64) an RMSNorm applies after normalising (g = w, or 1 + w for
+    gemma's norms), and the weight value that makes it the identity; ModelError for a norm that is
+    not x / rms(x) * g. The form is found by probing the module; g is read from its weight exactly."""
     if getattr(norm, "bias", None) is not None:
         raise ModelError(f"{name} has a bias (a LayerNorm): rotation needs RMSNorm blocks")
     w = norm.weight
-    x = torch.randn(4, w.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x = x.to(w.device)
+    rtol = 1e-3 if w.dtype in (torch.float32, torch.float64) else 3e-2  # probes computed in the norm's dtype
+    x = torch.randn(4, w.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(w.device)
     out = _probe(norm, x)
     saved = w.detach().clone()
-    for ident in (1.0, 0.0):
-        w.fill_(ident)
-        base = _probe(norm, x)  # the normalised x alone, when this weight value is the identity
-        ratio = base / x
-        if torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-3, atol=0):
-            g = (out / base).mean(0)
-            w.copy_(saved)
-            return g, ident
-    w.copy_(saved)
+    try:
+        for ident in (1.0, 0.0):
+            w.fill_(ident)
+            base = _probe(norm, x)  # the normalised x alone, when this weight value is the identity
+            ratio = base / x
+            if not torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=rtol, atol=0):
+                continue
+            g = saved.to(torch.float64) + (1.0 - ident)
+            if torch.allclose(out, base * g[None, :], rtol=rtol, atol=1e-6):
+                return g.cpu(), ident
+    finally:
+        w.copy_(saved)
     raise ModelError(f"{name} ({type(norm).__name__}) is not an RMSNorm x / rms(x) * g (it subtracts a mean "
                      "or scales differently): rotation cannot fold it")
 
