@@ -1,6 +1,7 @@
 """GGUF block types as grids (ops/gguf.py), the GGUF stages, llama-quantize's type choice, and
 `slimkit export --format gguf`."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -364,3 +365,41 @@ def test_act_order_with_static_blocks_stays_exact_and_lowers_the_error(name):
         D = r.W - W
         err[ao] = torch.einsum("ij,jk,ik->", D, H, D).item()
     assert err[True] < 0.9 * err[False]
+
+
+def test_a_rotated_model_exports_to_gguf(smol_llama, tmp_path):
+    """rotate + GPTQ into Q8_0 blocks: the rotated model is an ordinary llama (its head untied by
+    the rotation, since the final norm is given a real scale here), which llama.cpp's layout takes;
+    transformers reads the file back to the folder's logits once the embedding and head are the
+    file's own roundings."""
+    from transformers import AutoModelForCausalLM
+
+    from slimkit.api import compress
+    from slimkit.export import export
+    from slimkit.recipe import Recipe
+
+    dense = tmp_path / "dense"
+    shutil.copytree(smol_llama / "m", dense)
+    m = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    with torch.no_grad():
+        m.model.norm.weight.uniform_(0.5, 1.5)
+    m.save_pretrained(dense)
+    rec = Recipe.from_dict({"name": "rot-q8", "stages": [{"method": "rotate"}, {"method": "gptq_gguf", "ftype": "Q8_0"}]})
+    src = tmp_path / "c"
+    report = compress(str(dense), rec, src, calib=str(smol_llama / "calib.txt"), nsamples=8, seqlen=64,
+                      eval_data=None, progress=False)
+    assert report["transforms"]["rotate"]["untied_head"]
+    out = export(src, "gguf", tmp_path / "g")
+    r = gguf.GGUFReader(str(out / "model.gguf"))
+    tensors = {t.name: t for t in r.tensors}
+    assert "output.weight" in tensors  # untied now: its own tensor
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    for name, param in (("token_embd.weight", ref.model.embed_tokens.weight), ("output.weight", ref.lm_head.weight)):
+        t = tensors[name]
+        param.data.copy_(torch.from_numpy(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+                                          .reshape(param.shape).copy()))
+    got = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(input_ids=ids).logits, got(input_ids=ids).logits
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()

@@ -195,3 +195,40 @@ def test_bf16_model_rotates_with_norm_scales_read_exactly(model_type):
     Rotate().transform(m, layout.blocks(m), model_type)
     assert m.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert _close(_logits(m, ids), before, rel=5e-2)  # bf16 storage rounds the rotated weights
+
+
+@pytest.fixture(scope="module")
+def rotated_rtn(tiny_llama, text_file, tmp_path_factory):
+    """A tied tiny llama with real norm scales, rotated (its head untied) and RTN W4 g32."""
+    from slimkit.api import compress
+    from slimkit.methods import build_stage
+
+    root = tmp_path_factory.mktemp("rot-export")
+    _model("llama", tied=True).save_pretrained(root / "dense")
+    for f in tiny_llama.glob("tokenizer*"):
+        shutil.copy(f, root / "dense" / f.name)
+    rec = Recipe("rot-rtn4", [build_stage({"method": "rotate"}),
+                              build_stage({"method": "rtn", "bits": 4, "group_size": 32})])
+    compress(str(root / "dense"), rec, root / "c", calib=str(text_file), nsamples=4, seqlen=32, eval_data=None,
+             progress=False)
+    return root / "c"
+
+
+@pytest.mark.parametrize("fmt", ["native", "compressed-tensors"])
+def test_a_rotated_model_exports_like_any_other(rotated_rtn, tmp_path, fmt):
+    from transformers import AutoModelForCausalLM
+
+    from slimkit.export import export
+    from slimkit.pack import load
+
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    want = _logits(AutoModelForCausalLM.from_pretrained(rotated_rtn, dtype=torch.float32).eval(), ids)
+    out = export(rotated_rtn, fmt, tmp_path / "x")
+    if fmt == "native":
+        got = load(out, mode="dequant")
+    else:
+        pytest.importorskip("compressed_tensors")
+        from transformers import CompressedTensorsConfig
+        got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
+                                                   quantization_config=CompressedTensorsConfig(dequantize=True))
+    assert (_logits(got, ids) - want).abs().max() < 1e-4 * want.abs().max()
