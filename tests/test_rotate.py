@@ -232,3 +232,12 @@ def test_a_rotated_model_exports_like_any_other(rotated_rtn, tmp_path, fmt):
         got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
                                                    quantization_config=CompressedTensorsConfig(dequantize=True))
     assert (_logits(got, ids) - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_builtin_rotate_gptq_recipe_runs(tiny_llama, text_file, tmp_path):
+    from slimkit.api import compress
+
+    report = compress(str(tiny_llama), "rotate-gptq-w4-g64", tmp_path / "o", calib=str(text_file), nsamples=4,
+                      seqlen=32, eval_data=str(text_file), eval_tokens=256, progress=False)
+    assert report["transforms"]["rotate"]["heads"] and report["recipe"]["stages"][1]["weighted_search"]
+    assert 0 < report["eval"]["kl"] < 0.5
