@@ -130,15 +130,31 @@ def hf_perplexity(model: Path, ev: Path) -> dict:
     return json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{")))
 
 
+def actorder_recipe(ftype: str) -> Path:
+    """gptq-gguf-<type> with act-order (static blocks), as a recipe file (tracked)."""
+    name = f"gptq-gguf-{ftype.lower()}-actorder"
+    path = ROOT / "benchmarks" / "recipes" / "gguf" / f"{name}.yaml"
+    text = (f"name: {name}\ndescription: GPTQ into llama.cpp {ftype} blocks with act-order (static blocks)\n"
+            f"stages:\n  - {{method: gptq_gguf, ftype: {ftype}, actorder: true}}\n")
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return path
+
+
 def slimkit_gguf(kind: str, ftype: str) -> tuple[Path, float]:
-    recipe = f"{kind}-gguf-{ftype.lower()}"
+    if kind == "gptq-actorder":
+        recipe_arg = str(actorder_recipe(ftype).relative_to(ROOT))
+        recipe = Path(recipe_arg).stem
+    else:
+        recipe = recipe_arg = f"{kind}-gguf-{ftype.lower()}"
     folder, exported = WORK / recipe, WORK / f"{recipe}-gguf"
     seconds_file = WORK / f"{recipe}.seconds"
     if not (exported / "model.gguf").is_file():
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(exported, ignore_errors=True)
         t = time.perf_counter()
-        run([*SLIMKIT, "compress", "default", "--recipe", recipe, "--out", folder, "--calib", "shakespeare:calib",
+        run([*SLIMKIT, "compress", "default", "--recipe", recipe_arg, "--out", folder, "--calib", "shakespeare:calib",
              "--nsamples", NSAMPLES, "--seqlen", SEQLEN, "--seed", 0, "--no-eval", "-q"])
         seconds_file.write_text(str(time.perf_counter() - t))
         run([*SLIMKIT, "export", folder, "--format", "gguf", "--out", exported, "-q"])
@@ -173,6 +189,8 @@ def main():
     ap.add_argument("--types", nargs="+", default=TYPES)
     ap.add_argument("--fresh", action="store_true", help="measure again (the report is cached)")
     ap.add_argument("--no-speed", action="store_true", help="skip llama-bench and the runtime comparison")
+    ap.add_argument("--actorder", nargs="*", default=["Q4_0"], metavar="TYPE",
+                    help="types that also get (e): gptq_gguf with act-order (static blocks)")
     a = ap.parse_args()
     report_path = REPORTS / "gguf.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() and not a.fresh else {"types": {}}
@@ -205,6 +223,14 @@ def main():
         row["d_transformers"] = hf_perplexity(WORK / f"gptq-gguf-{ftype.lower()}-gguf" / "model.gguf", ev)
         report["types"][ftype] = row
         REPORTS.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps(report, indent=1))
+    for ftype in a.actorder:
+        row = report["types"].get(ftype)
+        if row is None or "e" in row:
+            continue
+        log(f"slimkit gptq-gguf-{ftype.lower()} with act-order")
+        path, seconds = slimkit_gguf("gptq-actorder", ftype)
+        row["e"] = perplexity(tools, path, ev) | {"compress_s": seconds}
         report_path.write_text(json.dumps(report, indent=1))
     if "speed" not in report and "Q4_0" in report["types"] and not a.no_speed:
         log("llama-bench")
@@ -239,25 +265,30 @@ def render(r: dict) -> str:
         f"same {NSAMPLES} x {SEQLEN} tokens of the calibration plays (slimkit's windows, seed 0; written as text for "
         "`llama-imatrix`). (a) `llama-quantize` of llama.cpp's own f32 conversion; (b) the same with `--imatrix`; "
         "(c) `slimkit compress --recipe rtn-gguf-<type>` + `slimkit export --format gguf`; (d) the same with "
-        "`gptq-gguf-<type>`. Bold: the lower of (b) and (d). Sizes are the .gguf files; bits/weight: the file's bits over "
+        "`gptq-gguf-<type>`; (e) where measured: (d) with `actorder: true` (columns swept by decreasing Hessian "
+        "diagonal, every block fitted up front: static blocks; recipe files in benchmarks/recipes/gguf/). Bold: the "
+        "lowest of (b), (d) and (e). Sizes are the .gguf files; bits/weight: the file's bits over "
         "the model's weights (as llama.cpp's BPW).",
         "",
         f"Dense (llama.cpp f32 conversion): perplexity {r['dense']['ppl']:.3f}, {mib(r['dense']['bytes'])} MiB.",
         "",
-        "| type | (a) llama-quantize | (b) + imatrix | (c) slimkit RTN | (d) slimkit GPTQ | (d) in transformers | "
-        "size MiB (a / b / c / d) | bits/weight (a / b / c / d) | (d) vs (b) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| type | (a) llama-quantize | (b) + imatrix | (c) slimkit RTN | (d) slimkit GPTQ | (e) + act-order | "
+        "(d) in transformers | size MiB (a / b / c / d) | bits/weight (a / b / c / d) | (d) vs (b) | (e) vs (b) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t, row in r["types"].items():
-        p = {k: row[k]["ppl"] for k in "abcd"}
+        p = {k: row[k]["ppl"] for k in "abcde" if k in row}
+        low = min(v for k, v in p.items() if k in "bde")
         hf = row["d_transformers"]["ppl"]
         agree = (hf / p["d"] - 1) * 100
+        e = bold(p["e"], p["e"] == low) if "e" in p else "—"
+        e_vs = f"{(p['e'] / p['b'] - 1) * 100:+.1f}%" if "e" in p else "—"
         lines.append(
-            f"| {t} | {p['a']:.3f} | {bold(p['b'], p['b'] <= p['d'])} | {p['c']:.3f} | {bold(p['d'], p['d'] < p['b'])} | "
-            f"{hf:.3f} ({agree:+.2f}%) | "
+            f"| {t} | {p['a']:.3f} | {bold(p['b'], p['b'] == low)} | {p['c']:.3f} | {bold(p['d'], p['d'] == low)} | "
+            f"{e} | {hf:.3f} ({agree:+.2f}%) | "
             f"{' / '.join(mib(row[k]['bytes']) for k in 'abcd')} | "
             f"{' / '.join(bpw(row[k], r['n_elements']) for k in 'abcd')} | "
-            f"{(p['d'] / p['b'] - 1) * 100:+.1f}% |")
+            f"{(p['d'] / p['b'] - 1) * 100:+.1f}% | {e_vs} |")
     missing = [t for t in TYPES if t not in r["types"]]
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)} (`python benchmarks/gguf_llamacpp.py` adds them)."]

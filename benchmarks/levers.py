@@ -69,6 +69,33 @@ def spread(values: list[float], digits: int = 2) -> str:
     return f"{f.format(statistics.mean(values))} ({f.format(min(values))}–{f.format(max(values))})"
 
 
+def _ppls(budget: str, key: str) -> list[float]:
+    return [json.loads((REPORTS / f"{tag(budget, key, s)}.json").read_text())["eval"]["ppl"]
+            for s in range(10) if finished(None, tag(budget, key, s))]
+
+
+def findings(budget: str, peers: list[dict]) -> list[str]:
+    """The best variant against today's GPTQ and the peer, as measured (ties when ranges overlap)."""
+    ppl = {k: v for k in VARIANTS if (v := _ppls(budget, k))}
+    if not ppl:
+        return []
+    best = min(ppl, key=lambda k: statistics.mean(ppl[k]))
+    out = [f"Best here: {VARIANTS[best][0]}, mean perplexity {statistics.mean(ppl[best]):.2f} over "
+           f"{len(ppl[best])} seed(s)."]
+    compare = [(VARIANTS["gptq"][0].split(" (")[0] + " as built in today", ppl.get("gptq"))] if best != "gptq" else []
+    if peers:
+        compare.append(("llm-compressor's GPTQ", [p["eval"]["ppl"] for p in peers]))
+    for label, other in compare:
+        if not other:
+            continue
+        sep = max(ppl[best]) < min(other)
+        one = min(len(ppl[best]), len(other)) < 2
+        out.append(f"Against {label} ({statistics.mean(other):.2f} over {len(other)} seed(s)): "
+                   f"{'lower in every seed' if sep else 'NOT lower in every seed'}"
+                   f"{' (fewer than two seeds: not yet a finding)' if one else ''}.")
+    return [" ".join(out), ""]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
@@ -92,9 +119,21 @@ def render() -> str:
         "SmolLM2-135M-Instruct (embedded default), all 210 Linears; calibration 128 x 512 tokens of the "
         "calibration plays with the seed given; evaluation 16,384 tokens of the held-out plays, windows of 512; "
         "KL is KL(dense || compressed) per token against the original (unrotated) dense model. Each cell: mean "
-        "over the seeds run (range in brackets); differences inside the ranges are ties. Compress time: the "
-        "engine's own total, mean over seeds, each run alone on the machine. "
-        f"Machine: {machine()}.",
+        "over the seeds run (range in brackets); differences inside the ranges are ties, and a row with one seed "
+        "is one draw. Compress time: the engine's own total (calibration forwards included: RTN with the "
+        "weighted search needs the calibration statistics, plain RTN does not), mean over seeds; a few runs "
+        "shared the 2 cores with short test runs, so read times as +-10%. The peer row is llm-compressor run by "
+        "`benchmarks/peer.py` on the same calibration token ids and scored by slimkit's evaluator on the same "
+        f"windows (its own wall time of `oneshot`). Machine: {machine()}.",
+        "",
+        "Bits/weight count the compressed Linears (codes, fp16 scales, zero points). The rotation costs storage "
+        "outside them on a model with tied embeddings whose final norm is not a constant, as this one: the head "
+        "can no longer be the embedding matrix, so the checkpoint gains an untied head (49,152 x 576 = 28.3 M "
+        "values in the dense dtype, +21% of this 135M model's parameters; negligible for a 7B+ model).",
+        "",
+        "Caveat for the W4 rows: the default model's weights were themselves dequantized from a Q4_1 GGUF (4-bit "
+        "blocks of 32 with a float minimum), so unrotated weights already sit on a 4-bit grid that a W4 grid "
+        "partly matches and a rotation destroys; W4 differences on this model say little about other models.",
         "",
         "Regenerate: `python benchmarks/levers.py` (recipes in benchmarks/recipes/levers/).",
         "",
@@ -110,6 +149,8 @@ def render() -> str:
             rs = [row(label, r) for r in runs]
             dense_ppl = rs[0]["dense_ppl"]
             seeds = [r["calibration"]["seed"] for r in runs]
+            if key == "rot-gptq-ao-ws":
+                label += f" (the built-in `rotate-gptq-w{BUDGETS[budget][0]}-g{BUDGETS[budget][1]}`)"
             rows.append(f"| {label} | {','.join(map(str, seeds))} | {spread([r['ppl'] for r in rs])} | "
                         f"{spread([r['kl'] for r in rs], 4)} | {rs[0]['bpw']:.3f} | "
                         f"{statistics.mean(r['time'] for r in rs):.0f} |")
@@ -126,6 +167,7 @@ def render() -> str:
         body += [f"### W{b} g{g} asymmetric (dense ppl {dense_ppl:.2f})", "",
                  "| variant | seeds | ppl | KL (nats/token) | bits/weight | compress time (s) |",
                  "|---|---|---|---|---|---|", *rows, ""]
+        body += findings(budget, peers)
     return "\n".join(body)
 
 
