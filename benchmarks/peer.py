@@ -96,7 +96,7 @@ def ensure_venv() -> str:
         subprocess.run([str(PY), "-m", "pip", "install", "-q", LLMCOMPRESSOR], check=True)
     out = subprocess.run([str(PY), "-c", "import llmcompressor, transformers, compressed_tensors, torch; "
                           "print(llmcompressor.__version__, transformers.__version__, compressed_tensors.__version__, "
-                          "torch.__version__)"], capture_output=True, text=True, check=True).stdout.split()
+                          "torch.__version__)"], capture_output=True, text=True, check=True).stdout.splitlines()[-1].split()
     return f"llm-compressor {out[0]} (transformers {out[1]}, compressed-tensors {out[2]}, torch {out[3]})"
 
 
