@@ -91,7 +91,7 @@ class RotationParts:
 def rotation_parts(model: nn.Module, blocks: nn.ModuleList, model_type: str) -> RotationParts:
     """The modules a rotation touches, or ModelError naming what this model lacks."""
     def refuse(why: str):
-        raise ModelError(f"cannot rotate a {model_type} model: {why}")
+        raise ModelError(f"cannot rotate this {model_type} model: {why}")
 
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if not isinstance(embed, nn.Embedding) or not isinstance(head, nn.Linear):
