@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, RecipeError
-from ..ops.rotate import (rotate_head_inputs, rotate_head_outputs, rotate_inputs, rotate_outputs, rotation)
+from ..ops.rotate import (hadamard_exists, rotate_head_inputs, rotate_head_outputs, rotate_inputs, rotate_outputs,
+                          rotation)
 from .base import LinearState, LinearStats, Stage, register
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,6 @@ class Rotate(Stage):
             for key in ("input_norm", "post_norm"):
                 norm_scale(d[key], f"block {i} {key}")
         if self.kind == "hadamard":
-            from ..ops.rotate import hadamard_exists
             for n, what in ((parts.embed.weight.shape[1], "hidden width"), (parts.head_dim, "head width")):
                 if not hadamard_exists(n):
                     raise RecipeError(f"rotate: no Hadamard matrix of order {n} (the model's {what}) is known; "
