@@ -140,13 +140,11 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
         raise RecipeError("a per-group grid needs a QuantSpec for its group layout")
     if quant is not None and quant.weighted_search and importance is None:
         raise RecipeError("weighted_search needs the input's second moments (calibration statistics)")
-    if importance is not None and quant is not None:
+    if importance is not None:
         importance = importance.to(W.device, torch.float32)
-        g_ = quant.group_width(W.shape[1])
-        fit_one = grid.fit if grid is not None else (
-            lambda gi, w: fit_group(w, quant, importance[gi * g_:gi * g_ + w.shape[1]]))
-    else:
-        fit_one = grid.fit if grid is not None else (lambda gi, w: fit_group(w, quant))
+    gw = quant.group_width(W.shape[1]) if quant is not None else None
+    fit_one = grid.fit if grid is not None else (  # group gi starts at natural column gi * gw
+        lambda gi, w: fit_group(w, quant, None if importance is None else importance[gi * gw:gi * gw + w.shape[1]]))
     fq = grid.fake_quantize if grid is not None else (lambda gi, w, s, z: fake_quantize(w, s, z, quant.bits))
     if sparsity is not None and mask is not None:
         raise RecipeError("a layer that is already pruned cannot be pruned again")
