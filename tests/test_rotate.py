@@ -241,3 +241,35 @@ def test_builtin_rotate_gptq_recipe_runs(tiny_llama, text_file, tmp_path):
                       seqlen=32, eval_data=str(text_file), eval_tokens=256, progress=False)
     assert report["transforms"]["rotate"]["heads"] and report["recipe"]["stages"][1]["weighted_search"]
     assert 0 < report["eval"]["kl"] < 0.5
+
+
+@pytest.mark.parametrize("name", ["rotate-slim-plus", "rotate-slim-llm-2bit-g64", "rotate-reallm-3bit"])
+def test_rotated_builtins_equal_their_method_on_a_rotated_model(name, tiny_llama, text_file, tmp_path):
+    """A built-in 'rotate-X' recipe gives the weights X gives on the model rotated beforehand and saved:
+    the later stages see the rotated weights and statistics, and nothing else changes."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from slimkit.api import compress
+    from slimkit.recipe import load_recipe
+
+    pre = tmp_path / "pre"
+    shutil.copytree(tiny_llama, pre)
+    m = AutoModelForCausalLM.from_pretrained(str(pre), dtype=torch.float32)
+    rec = load_recipe(name).to_dict()
+    Rotate(**{k: v for k, v in rec["stages"][0].items() if k != "method"}).transform(
+        m, layout_for(m).blocks(m), m.config.model_type)
+    m.save_pretrained(pre)
+    rest = tmp_path / "rest.yaml"
+    rest.write_text(Recipe.from_dict(rec | {"name": "rest", "stages": rec["stages"][1:]}).to_yaml())
+    kw = dict(calib=str(text_file), nsamples=4, seqlen=32, eval_data=None, progress=False)
+    report = compress(str(tiny_llama), name, tmp_path / "a", **kw)
+    compress(str(pre), str(rest), tmp_path / "b", **kw)
+    assert report["transforms"]["rotate"]["kind"] == "hadamard"
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    orig = load_file(tiny_llama / "model.safetensors")
+    q = next(k for k in a if k.endswith("layers.0.self_attn.q_proj.weight"))
+    assert not torch.allclose(a[q], orig[q], atol=1e-2)  # the rotation changed what was compressed
