@@ -1,17 +1,18 @@
 """Quality levers of issue 15 on the embedded default model, over calibration seeds -> the
-"quality levers" section of docs/results.md.
+"quality frontier" section of docs/results.md (marker "levers").
 
     python benchmarks/levers.py                         # every budget, variant and seed (hours)
     python benchmarks/levers.py --budgets w3g64 --seeds 0 --variants gptq gptq-ao
     python benchmarks/levers.py --finished-only         # write the section from the finished runs
 
-Each lever alone on GPTQ (and RTN), then together, at one budget: act-order with static groups,
+Each lever alone on GPTQ (and RTN), then together, at each budget: act-order with static groups,
 the importance-weighted range search (weighted_search), and the rotate stage (a seeded random
 Hadamard rotation of the residual stream and of each value head, fused into the weights). Every
 run is its own `slimkit compress` process with the core table's settings (128 x 512 calibration
 tokens of the calibration plays, 16,384 evaluation tokens of the held-out plays) and a calibration
 seed; the table gives the mean over the seeds run and their range, so that differences inside the
-range read as ties. The recipes are YAML files in benchmarks/recipes/levers/ (written by this script).
+range read as ties. At 2:4 + W4 the variants are SparseGPT + GPTQ with the levers, and SLiM+ (plain
+and rotated) against the SLiM table's base. The recipes are YAML files in benchmarks/recipes/levers/ (written by this script).
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ import yaml
 from common import REPORTS, ROOT, compress_run, finished, machine, row, write_section
 
 RECIPES = ROOT / "benchmarks" / "recipes" / "levers"
-BUDGETS = {"w4g64": (4, 64), "w3g64": (3, 64), "w2g64": (2, 64)}
+BUDGETS = {"w4g64": (4, 64), "w3g64": (3, 64), "w2g64": (2, 64), "2of4-w4g64": (4, 64)}
+SPARSE = {"2of4-w4g64"}  # 2:4 sparsity + 4-bit weights: its own variants (SPARSE_VARIANTS)
 ROT = {"method": "rotate", "kind": "hadamard", "seed": 0}
+SP = {"method": "sparsegpt", "sparsity": "2:4"}
 # key -> (label, stages given bits and group)
 VARIANTS = {
     "rtn": ("RTN", lambda b, g: [{"method": "rtn", "bits": b, "group_size": g}]),
@@ -43,21 +46,45 @@ VARIANTS = {
                                            "weighted_search": True}]),
 }
 
+# 2:4 + W4: key -> (label, stages given bits and group, or the built-in recipe it is)
+SPARSE_VARIANTS = {
+    "sgpt": ("SparseGPT 2:4 + GPTQ W4 g64 (the built-in `sparsegpt-2of4-gptq-w4`)", "sparsegpt-2of4-gptq-w4"),
+    "sgpt-ws": ("SparseGPT 2:4 + GPTQ W4 g64 + weighted range search",
+                lambda b, g: [SP | {"bits": b, "group_size": g, "weighted_search": True}]),
+    "rot-sgpt-ws": ("rotate + SparseGPT 2:4 + GPTQ W4 g64 + weighted range search",
+                    lambda b, g: [ROT, SP | {"bits": b, "group_size": g, "weighted_search": True}]),
+    "sgpt-g128s": ("SparseGPT 2:4 + GPTQ W4 g128 sym (the SLiM table's base, `sparsegpt-gptq`)", "sparsegpt-gptq"),
+    "slim-plus": ("SLiM+ (the built-in `slim-plus`: that base + 4-bit low-rank adapters)", "slim-plus"),
+    "rot-slim-plus": ("rotate + SLiM+ with weighted range search (the built-in `rotate-slim-plus`)", "rotate-slim-plus"),
+}
 
-def recipe_file(budget: str, key: str) -> Path:
+
+def variants(budget: str) -> dict:
+    return SPARSE_VARIANTS if budget in SPARSE else VARIANTS
+
+
+def recipe_file(budget: str, key: str) -> str:
+    """The recipe of a variant: a built-in name, or a YAML file of benchmarks/recipes/levers/ (path from the root)."""
+    label, stages = variants(budget)[key]
+    if isinstance(stages, str):
+        return stages
     b, g = BUDGETS[budget]
     name = f"{key}-w{b}-g{g}"
     path = RECIPES / f"{name}.yaml"
-    text = yaml.dump({"name": name, "description": f"{VARIANTS[key][0]}, W{b} g{g} asymmetric",
-                      "ignore": ["re:.*[.](gate|router|shared_expert_gate)$"], "stages": VARIANTS[key][1](b, g)},
+    text = yaml.dump({"name": name, "description": f"{label}, W{b} g{g} asymmetric",
+                      "ignore": ["re:.*[.](gate|router|shared_expert_gate)$"], "stages": stages(b, g)},
                      sort_keys=False)
     if not path.is_file() or path.read_text() != text:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    return path
+    return str(path.relative_to(ROOT))
 
 
 def tag(budget: str, key: str, seed: int) -> str:
+    """A run's name; a built-in recipe's seed-0 run is the one the core and SLiM sections made."""
+    recipe = variants(budget)[key][1]
+    if isinstance(recipe, str):
+        return recipe if seed == 0 else f"{recipe}-s{seed}"
     return f"levers-{key}-{budget}-s{seed}"
 
 
@@ -69,52 +96,78 @@ def spread(values: list[float], digits: int = 2) -> str:
     return f"{f.format(statistics.mean(values))} ({f.format(min(values))}–{f.format(max(values))})"
 
 
-def _ppls(budget: str, key: str) -> list[float]:
-    return [json.loads((REPORTS / f"{tag(budget, key, s)}.json").read_text())["eval"]["ppl"]
-            for s in range(10) if finished(None, tag(budget, key, s))]
+def runs_of(budget: str) -> dict[str, list[dict]]:
+    """key -> the rows (common.row) of every finished seed of that variant at this budget."""
+    out = {}
+    for key, (label, _) in variants(budget).items():
+        rs = [row(label, compress_run(recipe_file(budget, key), tag=tag(budget, key, s))) | {"seed": s}
+              for s in range(10) if finished(None, tag(budget, key, s))]
+        if rs:
+            out[key] = rs
+    return out
 
 
-def findings(budget: str, peers: list[dict]) -> list[str]:
-    """The best variant against today's GPTQ and the peer, as measured (ties when ranges overlap)."""
-    ppl = {k: v for k in VARIANTS if (v := _ppls(budget, k))}
-    if not ppl:
+def peer_config(budget: str) -> str:
+    b, g = BUDGETS[budget]
+    return f"sparsegpt-2of4-gptq-w{b}-g{g}" if budget in SPARSE else f"gptq-w{b}-g{g}"
+
+
+def findings(budget: str, runs: dict[str, list[dict]], peers: list[dict]) -> list[str]:
+    """The best variant at no more bits/weight than the peer's grid, against today's recipe and the
+    peer (a win only when lower in every seed, and with two seeds or more); for 2:4 + W4, the gap to
+    dense that SLiM+ and its rotated form close over the SLiM table's base."""
+    if not runs:
         return []
+    same = "sgpt" if budget in SPARSE else "gptq"  # today's recipe on the peer's grid
+    limit = runs[same][0]["bpw"] if same in runs else None
+    ppl = {k: [r["ppl"] for r in rs] for k, rs in runs.items() if limit is None or rs[0]["bpw"] <= limit + 1e-9}
+    label = {k: v[0] for k, v in variants(budget).items()}
     best = min(ppl, key=lambda k: statistics.mean(ppl[k]))
-    out = [f"Best here: {VARIANTS[best][0]}, mean perplexity {statistics.mean(ppl[best]):.2f} over "
-           f"{len(ppl[best])} seed(s)."]
-    compare = [(VARIANTS["gptq"][0].split(" (")[0] + " as built in today", ppl.get("gptq"))] if best != "gptq" else []
+    out = [f"Best here{f' at no more than {limit:.3f} bits/weight' if limit else ''}: {label[best]}, mean "
+           f"perplexity {statistics.mean(ppl[best]):.2f} over {len(ppl[best])} seed(s)."]
+    compare = [(label[same].split(" (")[0] + " as built in today", ppl.get(same))] if best != same else []
     if peers:
-        compare.append(("llm-compressor's GPTQ", [p["eval"]["ppl"] for p in peers]))
-    for label, other in compare:
+        compare.append(("llm-compressor", [p["eval"]["ppl"] for p in peers]))
+    for name, other in compare:
         if not other:
             continue
         sep = max(ppl[best]) < min(other)
         one = min(len(ppl[best]), len(other)) < 2
-        out.append(f"Against {label} ({statistics.mean(other):.2f} over {len(other)} seed(s)): "
+        out.append(f"Against {name} ({statistics.mean(other):.2f} over {len(other)} seed(s)): "
                    f"{'lower in every seed' if sep else 'NOT lower in every seed'}"
                    f"{' (fewer than two seeds: not yet a finding)' if one else ''}.")
-    return [" ".join(out), ""]
+    lines = [" ".join(out), ""]
+    if budget in SPARSE and "sgpt-g128s" in runs:
+        dense = runs["sgpt-g128s"][0]["dense_ppl"]
+        base = statistics.mean(r["ppl"] for r in runs["sgpt-g128s"])
+        for k in ("slim-plus", "rot-slim-plus"):
+            if k in runs:
+                m = statistics.mean(r["ppl"] for r in runs[k])
+                lines += [f"Gap to dense closed by {label[k].split(' (')[0]} over SparseGPT + GPTQ W4 g128 sym "
+                          f"(mean {base:.2f}, dense {dense:.2f}): {(base - m) / (base - dense):+.2f} at "
+                          f"{runs[k][0]['bpw']:.3f} bits/weight (the issue's target: +0.75).", ""]
+    return lines
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS) + list(SPARSE_VARIANTS),
+                    help="default: every variant of each budget (a name a budget lacks is skipped)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--finished-only", action="store_true", help="run nothing; write the section from finished runs")
     a = ap.parse_args()
     for budget in a.budgets:
         for seed in a.seeds:
-            for key in a.variants:
-                path = recipe_file(budget, key)
-                if not a.finished_only:
-                    compress_run(str(path.relative_to(ROOT)), tag=tag(budget, key, seed), extra=["--seed", str(seed)])
+            for key in a.variants or list(variants(budget)):
+                if key in variants(budget) and not a.finished_only:
+                    compress_run(recipe_file(budget, key), tag=tag(budget, key, seed), extra=["--seed", str(seed)])
     write_section("levers", render())
 
 
 def render() -> str:
     body = [
-        "## Quality levers: act-order, weighted range search, rotation (issue 15)",
+        "## Quality frontier: levers and a peer at each budget (issue 15)",
         "",
         "SmolLM2-135M-Instruct (embedded default), all 210 Linears; calibration 128 x 512 tokens of the "
         "calibration plays with the seed given; evaluation 16,384 tokens of the held-out plays, windows of 512; "
@@ -128,7 +181,10 @@ def render() -> str:
         "`benchmarks/peer.py` on the same calibration token ids and scored by slimkit's evaluator on the same "
         f"windows (its own wall time of `oneshot`). Machine: {machine()}.",
         "",
-        "Bits/weight count the compressed Linears (codes, fp16 scales, zero points). The rotation costs storage "
+        "The 2:4 + W4 rows named after a built-in recipe reuse, for seed 0, the run of the core or SLiM section (the "
+        "same command; its time was taken as that section says). "
+        "Bits/weight count the compressed Linears (codes, fp16 scales, zero points; for 2:4 the kept values' "
+        "2-bit positions; for SLiM+ its 4-bit adapters with their scales). The rotation costs storage "
         "outside them on a model with tied embeddings whose final norm is not a constant, as this one: the head "
         "can no longer be the embedding matrix, so the checkpoint gains an untied head (49,152 x 576 = 28.3 M "
         "values in the dense dtype, +21% of this 135M model's parameters; negligible for a 7B+ model).",
@@ -143,33 +199,36 @@ def render() -> str:
     dense_ppl = None
     for budget in BUDGETS:
         rows = []
-        for key, (label, _) in VARIANTS.items():
-            runs = [compress_run(str(recipe_file(budget, key).relative_to(ROOT)), tag=tag(budget, key, s))
-                    for s in range(10) if finished(None, tag(budget, key, s))]
-            if not runs:
-                continue
-            rs = [row(label, r) for r in runs]
+        runs = runs_of(budget)
+        b, g = BUDGETS[budget]
+        for key, rs in runs.items():
+            label = variants(budget)[key][0]
             dense_ppl = rs[0]["dense_ppl"]
-            seeds = [r["calibration"]["seed"] for r in runs]
             if key == "rot-gptq-ao-ws":
-                label += f" (the built-in `rotate-gptq-w{BUDGETS[budget][0]}-g{BUDGETS[budget][1]}`)"
-            rows.append(f"| {label} | {','.join(map(str, seeds))} | {spread([r['ppl'] for r in rs])} | "
+                label += f" (the built-in `rotate-gptq-w{b}-g{g}`)"
+            rows.append(f"| {label} | {','.join(str(r['seed']) for r in rs)} | {spread([r['ppl'] for r in rs])} | "
                         f"{spread([r['kl'] for r in rs], 4)} | {rs[0]['bpw']:.3f} | "
                         f"{statistics.mean(r['time'] for r in rs):.0f} |")
-        b, g = BUDGETS[budget]
-        peers = [json.loads(p.read_text()) for p in sorted(REPORTS.glob(f"peer-gptq-w{b}-g{g}-s*.json"))]
+        peers = [json.loads(p.read_text()) for p in sorted(REPORTS.glob(f"peer-{peer_config(budget)}-s*.json"))]
         if peers and rows:
             p0 = peers[0]
-            rows.append(f"| {p0['peer'].split(' (')[0]} GPTQ (its defaults: static act-order, min-max; same windows; "
-                        f"`benchmarks/peer.py`) | {','.join(str(p['seed']) for p in peers)} | "
+            what = ("SparseGPT 2:4 then GPTQ" if budget in SPARSE else "GPTQ") + \
+                " (its defaults: static act-order, min-max; same windows; `benchmarks/peer.py`)"
+            refilled = [p["not_2of4_fraction"] for p in peers if p.get("not_2of4_fraction") is not None]
+            if refilled:
+                what += (f": NOT strictly 2:4, its GPTQ keeps no mask and its updates refill {100 * min(refilled):.1f}"
+                         f"-{100 * max(refilled):.1f}% of the groups of 4 with a third or fourth non-zero")
+            rows.append(f"| {p0['peer'].split(' (')[0]} {what} | {','.join(str(p['seed']) for p in peers)} | "
                         f"{spread([p['eval']['ppl'] for p in peers])} | {spread([p['eval']['kl'] for p in peers], 4)} | "
-                        f"same grid as GPTQ | {statistics.mean(p['compress_seconds'] for p in peers):.0f} |")
+                        f"same grid as {'SparseGPT 2:4 + GPTQ W4 g64' if budget in SPARSE else 'GPTQ'} | "
+                        f"{statistics.mean(p['compress_seconds'] for p in peers):.0f} |")
         if not rows:
             continue
-        body += [f"### W{b} g{g} asymmetric (dense ppl {dense_ppl:.2f})", "",
+        title = f"2:4 sparsity + W{b} g{g} asymmetric" if budget in SPARSE else f"W{b} g{g} asymmetric"
+        body += [f"### {title} (dense ppl {dense_ppl:.2f})", "",
                  "| variant | seeds | ppl | KL (nats/token) | bits/weight | compress time (s) |",
                  "|---|---|---|---|---|---|", *rows, ""]
-        body += findings(budget, peers)
+        body += findings(budget, runs, peers)
     return "\n".join(body)
 
 

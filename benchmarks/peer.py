@@ -13,7 +13,9 @@ llmcompressor 0.14.0.1). For each configuration and seed this script
    damping 0.01, min-max observer), lm_head left alone; records its wall time and peak RSS;
 3. saves the result as a plain Hugging Face checkpoint (the fake-quantized weights, the dense
    model's config and tokenizer; checked to sit on the scheme's grid: at most 2^bits distinct values
-   per row and group);
+   per row and group; with 2:4 sparsity, the share of groups of 4 that hold more than 2 non-zeros
+   is recorded: llm-compressor 0.14's GPTQ does not keep SparseGPT's mask, and its error updates
+   refill some pruned weights);
 4. scores it with slimkit's own evaluator (`evaluate_model`: the 16,384 held-out tokens of the core
    table, windows of 512, KL against the dense model).
 
@@ -83,9 +85,17 @@ for k, v in sd.items():
         g = v.reshape(v.shape[0], -1, a["group"])
         distinct = max(len(torch.unique(g[r, c])) for r in range(0, g.shape[0], 97) for c in range(g.shape[1]))
         worst = max(worst, distinct)
+not_2of4 = total_groups = 0
+if a["sparse"]:  # llm-compressor's GPTQ does not keep a mask: count the groups of 4 it refilled
+    for k, v in sd.items():
+        if ".layers." in k and k.endswith("proj.weight"):
+            g = v.reshape(-1, 4)
+            not_2of4 += int(((g != 0).sum(1) > 2).sum())
+            total_groups += g.shape[0]
 save_file(sd, a["out"] + "/model.safetensors", metadata={"format": "pt"})
 print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "max_distinct_per_group": worst}))
+                  "max_distinct_per_group": worst,
+                  "not_2of4_fraction": not_2of4 / total_groups if total_groups else None}))
 """
 
 
@@ -134,6 +144,7 @@ def run(config: str, seed: int, versions: str) -> dict:
               "nsamples": NSAMPLES, "seqlen": SEQLEN, "seed": seed, "ids_sha": _digest(ids)},
               "eval": ev.get("eval", ev), "compress_seconds": child["seconds"], "peak_rss_mb": child["peak_rss_mb"],
               "max_distinct_per_group": child["max_distinct_per_group"],
+              "not_2of4_fraction": child["not_2of4_fraction"],
               "command": f"python benchmarks/peer.py --configs {config} --seeds {seed}"}
     REPORTS.mkdir(parents=True, exist_ok=True)
     (REPORTS / f"peer-{config}-s{seed}.json").write_text(json.dumps(report, indent=1))
