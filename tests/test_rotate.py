@@ -168,16 +168,49 @@ def test_compress_with_rotation_end_to_end(tiny_llama, text_file, tmp_path):
     assert report["eval"]["kl"] < 1e-3
 
 
-def test_low_memory_refuses_a_rotation(tiny_llama, text_file, tmp_path):
+@pytest.fixture(scope="module")
+def tied_normed(tmp_path_factory):
+    """A 3-block llama with tied embeddings and non-constant norm scales (so the rotation unties the head)."""
+    from helpers import make_tokenizer, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama")
+    cfg.num_hidden_layers, cfg.tie_word_embeddings = 3, True
+    torch.manual_seed(1)
+    m = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, mod in m.named_modules():
+            if "norm" in type(mod).__name__.lower():
+                mod.weight.copy_(1 + 0.3 * torch.randn_like(mod.weight))
+    path = tmp_path_factory.mktemp("tiednorm") / "llama3"
+    m.save_pretrained(path)
+    make_tokenizer(path)
+    return path
+
+
+def test_low_memory_rotation_writes_the_same_model(tied_normed, text_file, tmp_path):
+    """--low-memory rotates each block as it is read from disk (the shell at the start): the same
+    weights, head and report as the in-memory run, and the untied head is written with its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from slimkit.api import compress
-    from slimkit.errors import SlimkitError
     from slimkit.methods import build_stage
 
-    rec = Recipe("r", [build_stage({"method": "rotate"}), build_stage({"method": "rtn", "bits": 4, "group_size": 16})])
-    with pytest.raises(SlimkitError, match="low-memory"):
-        compress(str(tiny_llama), rec, tmp_path / "o", calib=str(text_file), nsamples=2, seqlen=16, eval_data=None,
-                 progress=False, low_memory=True)
-    assert not (tmp_path / "o").exists()
+    rec = Recipe("r", [build_stage({"method": "rotate"}),
+                       build_stage({"method": "gptq", "bits": 4, "group_size": 16, "actorder": True,
+                                    "weighted_search": True})])
+    kw = dict(calib=str(text_file), nsamples=4, seqlen=32, eval_data=str(text_file), eval_tokens=256, progress=False)
+    eager = compress(str(tied_normed), rec, tmp_path / "eager", **kw)
+    low = compress(str(tied_normed), rec, tmp_path / "low", low_memory=True, **kw)
+    assert low["transforms"]["rotate"]["untied_head"] and eager["transforms"]["rotate"]["untied_head"]
+    assert AutoConfig.from_pretrained(tmp_path / "low").tie_word_embeddings is False
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "eager").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "low").state_dict()
+    assert a.keys() == b.keys() and "lm_head.weight" in b
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    assert not torch.equal(b["lm_head.weight"], b["model.embed_tokens.weight"])
+    assert low["eval"]["ppl"] == pytest.approx(eager["eval"]["ppl"], rel=1e-5)
+    assert low["eval"]["kl"] == pytest.approx(eager["eval"]["kl"], rel=1e-4) and 0 < low["eval"]["kl"] < 0.5
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma"])

@@ -23,7 +23,7 @@ from .data.sources import available_memory
 from .errors import SlimkitError
 from .finetune import finetune_adapters
 from .eval import evaluate
-from .eval.perplexity import DenseReference, ReferenceCache, linear_head, reference_summary, windows_key
+from .eval.perplexity import DenseReference, LinearHead, ReferenceCache, linear_head, reference_summary, windows_key
 from .eval.report import write_report
 from .models import layout_for, load_model
 from .models.layout import ModelLayout, ResidentBlocks
@@ -303,11 +303,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
             raise SlimkitError(f"unsupported architecture {layout.model_type!r}: its decoder blocks hold no nn.Linear "
                                f"layers (2-D weights in: {', '.join(kinds) or 'none'})")
         raise SlimkitError(f"recipe {rec.name!r} ignores every Linear of the model")
-    if rec.model_stages and streamed is not None:
-        raise SlimkitError(f"recipe {rec.name!r} starts with {rec.model_stages[0].name}, which transforms the whole "
-                           "model before calibration: it needs the model in memory (drop --low-memory)")
     for st in rec.model_stages:
-        st.check_model(m, layout.blocks(m), layout.model_type)
+        st.check_model(m, source, layout.model_type)
     check_positions(m.config, seqlen)
     check_resources(m, nsamples=nsamples, seqlen=seqlen, out=out_path, placement=placement,
                     offload_activations=offload_activations, eval_tokens=eval_tokens if eval_data else None,
@@ -325,7 +322,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
         ReferenceCache(reference_cache, "").check_location()
 
     if dist.rank() != 0:  # a helper worker: statistics of its share, collectives; worker 0 writes
-        transform_model(m, layout, rec, placement)
+        transform_model(m, source, layout, rec, placement)
         compress_model(m, layout, rec, ids, batch_size=batch_size, progress=False, placement=placement)
         return {"worker": dist.rank()}
     records = _Records(keep_adapters=rec.finetune is not None, spill=low_memory)
@@ -347,7 +344,7 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
                                             reference_cache=reference_cache, placement=placement, progress=progress)
         records.directory = tmp
         # after the dense reference (of the original model), before calibration
-        transforms, reference = transform_model(m, layout, rec, placement, reference)
+        transforms, reference = transform_model(m, source, layout, rec, placement, reference)
         result = compress_model(m, layout, rec, ids, batch_size=batch_size, progress=progress,
                                 on_layer=records.on_layer, checkpoint=ckpt, on_block=records.on_block,
                                 on_restore=records.on_restore, source=source,
@@ -402,22 +399,30 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
     return report
 
 
-def transform_model(m, layout: ModelLayout, rec: Recipe, placement: Placement,
+def transform_model(m, source, layout: ModelLayout, rec: Recipe, placement: Placement,
                     reference: DenseReference | None = None) -> tuple[dict, DenseReference | None]:
-    """Run the recipe's model-level stages (rotate) on the whole resident model: what each did, and
-    the dense reference made to follow the head they changed."""
+    """Run the recipe's model-level stages (rotate) on the model: its shell now, its blocks through
+    the block source (resident: now; streamed: as each is read). What each did, and the dense
+    reference made to follow the head they changed."""
     done = {}
     for st in rec.model_stages:
         t = time.perf_counter()
-        res = st.transform(m, layout.blocks(m), layout.model_type, device=placement.device)
+        res = st.transform(m, source, layout.model_type, device=placement.device)
         done[st.name] = res.info | {"seconds": time.perf_counter() - t}
         if reference is not None and res.head_map is not None:
-            head = linear_head(m, placement)
+            # resident: check on a forward that the logits are still the head of the last hidden
+            # state; streamed (no forward without the blocks): the head that the reference checked
+            head = linear_head(m, placement) if source.resident else _plain_head(m)
             if head is None:
                 raise SlimkitError(f"after {st.name} the model's logits are no longer its head applied to its "
                                    "last hidden state")
             reference = reference.with_head_map(res.head_map, head.digest())
     return done, reference
+
+
+def _plain_head(m) -> LinearHead | None:
+    head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+    return LinearHead(head.weight, head.bias) if type(head) is torch.nn.Linear else None
 
 
 class _Records:

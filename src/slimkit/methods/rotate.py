@@ -81,19 +81,22 @@ class Transformed:
 
 
 @dataclass
-class RotationParts:
+class ShellParts:
     embed: nn.Embedding
     head: nn.Linear
     final_norm: nn.Module
-    blocks: list[dict[str, nn.Module]]  # per block: input_norm, post_norm, q/k/v/o_proj, gate/up/down_proj
     head_dim: int
 
 
-def rotation_parts(model: nn.Module, blocks: nn.ModuleList, model_type: str) -> RotationParts:
-    """The modules a rotation touches, or ModelError naming what this model lacks."""
+def _refuser(model_type: str):
     def refuse(why: str):
         raise ModelError(f"cannot rotate this {model_type} model: {why}")
+    return refuse
 
+
+def shell_parts(model: nn.Module, model_type: str) -> ShellParts:
+    """The modules outside the blocks that a rotation touches, or ModelError naming what this model lacks."""
+    refuse = _refuser(model_type)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if not isinstance(embed, nn.Embedding) or not isinstance(head, nn.Linear):
         refuse("it has no nn.Embedding input and nn.Linear head")
@@ -103,33 +106,64 @@ def rotation_parts(model: nn.Module, blocks: nn.ModuleList, model_type: str) -> 
     final = getattr(decoder, "norm", None)
     if final is None or not _is_norm(final):
         refuse("no final norm at get_decoder().norm")
-    parts = []
-    for i, blk in enumerate(blocks):
-        attn, mlp = getattr(blk, "self_attn", None), getattr(blk, "mlp", None)
-        d = {"input_norm": getattr(blk, "input_layernorm", None), "post_norm": getattr(blk, "post_attention_layernorm", None)}
-        for p in (*ATTN_IN, "o_proj"):
-            d[p] = getattr(attn, p, None)
-        for p in (*MLP_IN, "down_proj"):
-            d[p] = getattr(mlp, p, None)
-        missing = [k for k, v in d.items() if v is None]
-        if missing:
-            refuse(f"block {i} has no {missing[0]} (rotation knows llama-style blocks: input_layernorm, "
-                   "self_attn.q/k/v/o_proj, post_attention_layernorm, mlp.gate/up/down_proj)")
-        other = [n for n, m in blk.named_children() if _is_norm(m) and n not in ("input_layernorm", "post_attention_layernorm")]
-        if other:
-            refuse(f"block {i} has another norm on the residual path ({other[0]}), a sandwich-norm block")
-        if not all(isinstance(d[p], nn.Linear) for p in (*ATTN_IN, "o_proj", *MLP_IN, "down_proj")):
-            refuse(f"block {i}'s projections are not all nn.Linear")
-        parts.append(d)
     cfg = getattr(model.config, "get_text_config", lambda: model.config)()
     heads = getattr(cfg, "num_attention_heads", None)
     head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
-    if not head_dim or parts[0]["o_proj"].in_features % head_dim or parts[0]["v_proj"].out_features % head_dim:
-        refuse("its head width is unknown or does not divide v_proj / o_proj")
-    return RotationParts(embed, head, final, parts, int(head_dim))
+    if not head_dim:
+        refuse("its head width is unknown")
+    return ShellParts(embed, head, final, int(head_dim))
 
 
-def _tied(model: nn.Module, parts: RotationParts) -> bool:
+def block_parts(blk: nn.Module, i: int, model_type: str, head_dim: int) -> dict[str, nn.Module]:
+    """Block ``i``'s norms and projections (input_norm, post_norm, q/k/v/o_proj, gate/up/down_proj),
+    or ModelError naming what it lacks; works on a block built on the meta device too."""
+    refuse = _refuser(model_type)
+    attn, mlp = getattr(blk, "self_attn", None), getattr(blk, "mlp", None)
+    d = {"input_norm": getattr(blk, "input_layernorm", None), "post_norm": getattr(blk, "post_attention_layernorm", None)}
+    for p in (*ATTN_IN, "o_proj"):
+        d[p] = getattr(attn, p, None)
+    for p in (*MLP_IN, "down_proj"):
+        d[p] = getattr(mlp, p, None)
+    missing = [k for k, v in d.items() if v is None]
+    if missing:
+        refuse(f"block {i} has no {missing[0]} (rotation knows llama-style blocks: input_layernorm, "
+               "self_attn.q/k/v/o_proj, post_attention_layernorm, mlp.gate/up/down_proj)")
+    other = [n for n, m in blk.named_children() if _is_norm(m) and n not in ("input_layernorm", "post_attention_layernorm")]
+    if other:
+        refuse(f"block {i} has another norm on the residual path ({other[0]}), a sandwich-norm block")
+    if not all(isinstance(d[p], nn.Linear) for p in (*ATTN_IN, "o_proj", *MLP_IN, "down_proj")):
+        refuse(f"block {i}'s projections are not all nn.Linear")
+    if d["o_proj"].in_features % head_dim or d["v_proj"].out_features % head_dim:
+        refuse(f"its head width {head_dim} does not divide v_proj / o_proj")
+    return d
+
+
+class _Listed:
+    """A list of resident blocks seen as a block source (``len``, ``peek``, ``transform_blocks``)."""
+
+    def __init__(self, blocks):
+        self.blocks = list(blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def peek(self, index: int) -> nn.Module:
+        return self.blocks[index]
+
+    def transform_blocks(self, fn) -> None:
+        for i, b in enumerate(self.blocks):
+            fn(i, b)
+
+
+def _source(blocks):
+    return blocks if hasattr(blocks, "transform_blocks") else _Listed(blocks)
+
+
+def _materialized(module: nn.Module) -> bool:
+    return all(t.device.type != "meta" for t in module.parameters())
+
+
+def _tied(model: nn.Module, parts: ShellParts) -> bool:
     return parts.head.weight is parts.embed.weight
 
 
@@ -157,13 +191,19 @@ class Rotate(Stage):
     def apply(self, state: LinearState, stats: LinearStats | None) -> LinearState:
         return state  # the work is done on the whole model, before calibration (transform)
 
-    def check_model(self, model: nn.Module, blocks: nn.ModuleList, model_type: str) -> RotationParts:
-        """Everything the transform needs, checked before any work (ModelError / RecipeError)."""
-        parts = rotation_parts(model, blocks, model_type)
+    def check_model(self, model: nn.Module, blocks, model_type: str) -> ShellParts:
+        """Everything the transform needs, checked before any work (ModelError / RecipeError).
+        ``blocks``: the decoder blocks, or a block source whose blocks may be unfilled structures
+        on the meta device (--low-memory): those are checked by structure, their norms by block 0's
+        class when they are filled."""
+        src = _source(blocks)
+        parts = shell_parts(model, model_type)
         norm_scale(parts.final_norm, "the final norm")  # each norm is an RMSNorm this can fold
-        for i, d in enumerate(parts.blocks):
+        for i in range(len(src)):
+            d = block_parts(src.peek(i), i, model_type, parts.head_dim)
             for key in ("input_norm", "post_norm"):
-                norm_scale(d[key], f"block {i} {key}")
+                if _materialized(d[key]):
+                    norm_scale(d[key], f"block {i} {key}")
         if self.kind == "hadamard":
             for n, what in ((parts.embed.weight.shape[1], "hidden width"), (parts.head_dim, "head width")):
                 if not hadamard_exists(n):
@@ -172,11 +212,13 @@ class Rotate(Stage):
         return parts
 
     @torch.no_grad()
-    def transform(self, model: nn.Module, blocks: nn.ModuleList, model_type: str,
+    def transform(self, model: nn.Module, blocks, model_type: str,
                   device: torch.device | None = None) -> Transformed:
         """Rotate ``model`` in place (each tensor computed in float64 on ``device``, stored back in
-        its own dtype and place)."""
-        parts = self.check_model(model, blocks, model_type)
+        its own dtype and place). ``blocks``: the decoder blocks, or a block source
+        (``transform_blocks(fn)``: resident blocks now, streamed ones as each is read)."""
+        src = _source(blocks)
+        parts = self.check_model(model, src, model_type)
         hidden = parts.embed.weight.shape[1]
         Q = rotation(self.kind, hidden, self.seed)
         R2 = rotation(self.kind, parts.head_dim, self.seed + 1) if self.heads else None
@@ -210,7 +252,10 @@ class Rotate(Stage):
             set_(parts.head.weight, rotate_inputs(on(parts.head.weight), Q, head_scale))
         if head_scale is not None:
             parts.final_norm.weight.fill_(ident_final)
-        for i, d in enumerate(parts.blocks):
+
+        @torch.no_grad()
+        def rotate_block(i: int, block: nn.Module) -> None:
+            d = block_parts(block, i, model_type, parts.head_dim)
             for norm_key, readers in (("input_norm", ATTN_IN), ("post_norm", MLP_IN)):
                 g, ident = norm_scale(d[norm_key], f"block {i} {norm_key}")
                 for p in readers:
@@ -225,6 +270,8 @@ class Rotate(Stage):
                 if d["v_proj"].bias is not None:
                     set_(d["v_proj"].bias, rotate_head_outputs(on(d["v_proj"].bias), R2))
                 set_(d["o_proj"].weight, rotate_head_inputs(on(d["o_proj"].weight), R2))
+
+        src.transform_blocks(rotate_block)
         M = Q if head_scale is None else head_scale.to(torch.float64)[:, None] * Q  # head W -> W diag(g) Q
         return Transformed({"kind": self.kind, "seed": self.seed, "heads": self.heads, "hidden": hidden,
                             "head_dim": parts.head_dim, "untied_head": untied}, M)

@@ -54,6 +54,11 @@ class ResidentBlocks:
 
     get = peek
 
+    def transform_blocks(self, fn) -> None:
+        """Apply ``fn(index, block)`` to every block, now (a model-level stage such as rotate)."""
+        for i, b in enumerate(self._blocks):
+            fn(i, b)
+
     def block_prefix(self, index: int) -> str:
         return f"{self.layout.blocks_path}.{index}."
 

@@ -185,6 +185,7 @@ class StreamedModel:
         self.model.eval().requires_grad_(False)
         self.model.config.use_cache = False
         self.layout: ModelLayout = layout_for(self.model)
+        self.block_transforms = []  # fn(index, block) of model-level stages, applied as each block is read
         self.prefix = self.layout.blocks_path + "."
         shell = {k: v for k, v in self.model.state_dict().items() if not k.startswith(self.prefix)}
         tied = getattr(self.config, "tie_word_embeddings", False)
@@ -232,6 +233,12 @@ class StreamedModel:
         """A module with block ``index``'s structure (for names and shapes only)."""
         return self.template if index == 0 else self.structures[index]
 
+    def transform_blocks(self, fn) -> None:
+        """Apply ``fn(index, block)`` to block 0 (resident in the shell) now, and to every other
+        block as ``get`` reads it from the checkpoint (a model-level stage such as rotate)."""
+        fn(0, self.template)
+        self.block_transforms.append(fn)
+
     def get(self, index: int) -> nn.Module:
         if index == 0:
             return self.template
@@ -244,7 +251,10 @@ class StreamedModel:
                     raise ModelError(f"--low-memory cannot build block {index}: its buffer {name!r} is "
                                      "neither in the checkpoint nor in block 0")
                 b.data = ref[name].clone()
-        return self.fill(index, block)
+        self.fill(index, block)
+        for fn in self.block_transforms:
+            fn(index, block)
+        return block
 
     def block_prefix(self, index: int) -> str:
         return f"{self.prefix}{index}."
@@ -282,6 +292,9 @@ class StreamedModel:
         (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                              "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         config = copy.deepcopy(self.config)
+        for c, shell in ((config, self.model.config), (config.get_text_config(), self.model.config.get_text_config())):
+            if hasattr(shell, "tie_word_embeddings"):  # a model-level stage may have untied the head
+                c.tie_word_embeddings = shell.tie_word_embeddings
         config.dtype = self.dtype
         config.use_cache = True
         config.save_pretrained(out)
