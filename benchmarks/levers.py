@@ -107,12 +107,25 @@ def runs_of(budget: str) -> dict[str, list[dict]]:
     return out
 
 
-def peer_config(budget: str) -> str:
+def peer_configs(budget: str) -> dict[str, str]:
+    """benchmarks/peer.py configuration -> what it runs, for this budget."""
     b, g = BUDGETS[budget]
-    return f"sparsegpt-2of4-gptq-w{b}-g{g}" if budget in SPARSE else f"gptq-w{b}-g{g}"
+    if budget in SPARSE:
+        return {f"sparsegpt-2of4-gptq-w{b}-g{g}": "SparseGPT 2:4 then GPTQ (its defaults: static act-order, min-max"}
+    return {f"gptq-w{b}-g{g}": "GPTQ (its defaults: static act-order, min-max",
+            f"gptq-w{b}-g{g}-imatrix": "GPTQ with its importance-weighted range search (observer imatrix_mse)"}
 
 
-def findings(budget: str, runs: dict[str, list[dict]], peers: list[dict]) -> list[str]:
+def peer_runs(budget: str) -> dict[str, list[dict]]:
+    out = {}
+    for config in peer_configs(budget):
+        reports = [json.loads(p.read_text()) for p in sorted(REPORTS.glob(f"peer-{config}-s*.json"))]
+        if reports:
+            out[config] = reports
+    return out
+
+
+def findings(budget: str, runs: dict[str, list[dict]], peers: dict[str, list[dict]]) -> list[str]:
     """The best variant at no more bits/weight than the peer's grid, against today's recipe and the
     peer (a win only when lower in every seed, and with two seeds or more); for 2:4 + W4, the gap to
     dense that SLiM+ and its rotated form close over the SLiM table's base."""
@@ -126,8 +139,10 @@ def findings(budget: str, runs: dict[str, list[dict]], peers: list[dict]) -> lis
     out = [f"Best here{f' at no more than {limit:.3f} bits/weight' if limit else ''}: {label[best]}, mean "
            f"perplexity {statistics.mean(ppl[best]):.2f} over {len(ppl[best])} seed(s)."]
     compare = [(label[same].split(" (")[0] + " as built in today", ppl.get(same))] if best != same else []
-    if peers:
-        compare.append(("llm-compressor", [p["eval"]["ppl"] for p in peers]))
+    for config, reports in peers.items():
+        compare.append((f"llm-compressor's {peer_configs(budget)[config].split(' (')[0].split(' with')[0]}"
+                        f"{' + imatrix_mse' if config.endswith('-imatrix') else ''}",
+                        [p["eval"]["ppl"] for p in reports]))
     for name, other in compare:
         if not other:
             continue
@@ -209,19 +224,18 @@ def render() -> str:
             rows.append(f"| {label} | {','.join(str(r['seed']) for r in rs)} | {spread([r['ppl'] for r in rs])} | "
                         f"{spread([r['kl'] for r in rs], 4)} | {rs[0]['bpw']:.3f} | "
                         f"{statistics.mean(r['time'] for r in rs):.0f} |")
-        peers = [json.loads(p.read_text()) for p in sorted(REPORTS.glob(f"peer-{peer_config(budget)}-s*.json"))]
-        if peers and rows:
-            p0 = peers[0]
-            what = ("SparseGPT 2:4 then GPTQ" if budget in SPARSE else "GPTQ") + \
-                " (its defaults: static act-order, min-max; same windows; `benchmarks/peer.py`)"
-            refilled = [p["not_2of4_fraction"] for p in peers if p.get("not_2of4_fraction") is not None]
+        peers = peer_runs(budget)
+        for config, reports in peers.items() if rows else ():
+            what = peer_configs(budget)[config] + "; same windows; `benchmarks/peer.py`)"
+            refilled = [p["not_2of4_fraction"] for p in reports if p.get("not_2of4_fraction") is not None]
             if refilled:
                 what += (f": NOT strictly 2:4, its GPTQ keeps no mask and its updates refill {100 * min(refilled):.1f}"
                          f"-{100 * max(refilled):.1f}% of the groups of 4 with a third or fourth non-zero")
-            rows.append(f"| {p0['peer'].split(' (')[0]} {what} | {','.join(str(p['seed']) for p in peers)} | "
-                        f"{spread([p['eval']['ppl'] for p in peers])} | {spread([p['eval']['kl'] for p in peers], 4)} | "
+            rows.append(f"| {reports[0]['peer'].split(' (')[0]} {what} | {','.join(str(p['seed']) for p in reports)} | "
+                        f"{spread([p['eval']['ppl'] for p in reports])} | "
+                        f"{spread([p['eval']['kl'] for p in reports], 4)} | "
                         f"same grid as {'SparseGPT 2:4 + GPTQ W4 g64' if budget in SPARSE else 'GPTQ'} | "
-                        f"{statistics.mean(p['compress_seconds'] for p in peers):.0f} |")
+                        f"{statistics.mean(p['compress_seconds'] for p in reports):.0f} |")
         if not rows:
             continue
         title = f"2:4 sparsity + W{b} g{g} asymmetric" if budget in SPARSE else f"W{b} g{g} asymmetric"

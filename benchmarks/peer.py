@@ -10,7 +10,8 @@ llmcompressor 0.14.0.1). For each configuration and seed this script
    source "shakespeare", 128 x 512 tokens, the seed): the token ids `slimkit compress` uses;
 2. runs llm-compressor's `oneshot` on the dense default model in that environment, with those ids as
    its dataset (no shuffling, no truncation), its defaults otherwise (GPTQ: static act-order,
-   damping 0.01, min-max observer), lm_head left alone; records its wall time and peak RSS;
+   damping 0.01, min-max observer; the "-imatrix" configurations use its importance-weighted
+   `imatrix_mse` observer instead), lm_head left alone; records its wall time and peak RSS;
 3. saves the result as a plain Hugging Face checkpoint (the fake-quantized weights, the dense
    model's config and tokenizer; checked to sit on the scheme's grid: at most 2^bits distinct values
    per row and group; with 2:4 sparsity, the share of groups of 4 that hold more than 2 non-zeros
@@ -41,13 +42,17 @@ PY = VENV / "bin" / "python"
 LLMCOMPRESSOR = "llmcompressor==0.14.0.1"
 THREADS = 2
 NSAMPLES, SEQLEN, EVAL_TOKENS = 128, 512, 16384
-# name -> (bits, group, symmetric, 2:4 sparsity first)
+# name -> (bits, group, symmetric, 2:4 sparsity first, weight observer: None for its default, min-max;
+# "imatrix_mse", its importance-weighted range search (E[x^2] per input column), its best GPTQ lever)
 CONFIGS = {
-    "gptq-w4-g64": (4, 64, False, False),
-    "gptq-w4-g64-sym": (4, 64, True, False),
-    "gptq-w3-g64": (3, 64, False, False),
-    "gptq-w2-g64": (2, 64, False, False),
-    "sparsegpt-2of4-gptq-w4-g64": (4, 64, False, True),
+    "gptq-w4-g64": (4, 64, False, False, None),
+    "gptq-w4-g64-sym": (4, 64, True, False, None),
+    "gptq-w3-g64": (3, 64, False, False, None),
+    "gptq-w2-g64": (2, 64, False, False, None),
+    "gptq-w4-g64-imatrix": (4, 64, False, False, "imatrix_mse"),
+    "gptq-w3-g64-imatrix": (3, 64, False, False, "imatrix_mse"),
+    "gptq-w2-g64-imatrix": (2, 64, False, False, "imatrix_mse"),
+    "sparsegpt-2of4-gptq-w4-g64": (4, 64, False, True, None),
 }
 
 CHILD = r"""
@@ -68,6 +73,8 @@ model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
 keys = set(model.state_dict())
 weights = {"num_bits": a["bits"], "type": "int", "symmetric": a["symmetric"], "strategy": "group",
            "group_size": a["group"]}
+if a["observer"]:  # else its default (min-max)
+    weights["observer"] = a["observer"]
 recipe = []
 if a["sparse"]:
     recipe.append(SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["lm_head"]))
@@ -115,7 +122,7 @@ def run(config: str, seed: int, versions: str) -> dict:
     from slimkit.data import calibration_ids
     from slimkit.models.loading import load_tokenizer, resolve
 
-    bits, group, sym, sparse = CONFIGS[config]
+    bits, group, sym, sparse, observer = CONFIGS[config]
     dense = resolve("default")[1]
     work = RUNS / "peer" / f"{config}-s{seed}"
     shutil.rmtree(work, ignore_errors=True)
@@ -128,7 +135,7 @@ def run(config: str, seed: int, versions: str) -> dict:
         if (Path(dense) / f).is_file():
             shutil.copy(Path(dense) / f, work / f)
     args = {"model": str(dense), "ids": str(work / "ids.pt"), "out": str(work), "bits": bits, "group": group,
-            "symmetric": sym, "sparse": sparse, "threads": THREADS}
+            "symmetric": sym, "sparse": sparse, "observer": observer, "threads": THREADS}
     print(f"[{time.strftime('%H:%M:%S')}] llm-compressor {config} seed {seed}", flush=True)
     r = subprocess.run([str(PY), "-c", CHILD, json.dumps(args)], capture_output=True, text=True)
     if r.returncode:
@@ -140,7 +147,7 @@ def run(config: str, seed: int, versions: str) -> dict:
     ev = evaluate_model(str(work), "shakespeare:eval", reference="default", seqlen=SEQLEN, max_tokens=EVAL_TOKENS,
                         progress=False)
     report = {"peer": versions, "config": config, "bits": bits, "group_size": group, "symmetric": sym,
-              "sparsity": "2:4" if sparse else None, "seed": seed, "calibration": {"source": "shakespeare",
+              "sparsity": "2:4" if sparse else None, "observer": observer, "seed": seed, "calibration": {"source": "shakespeare",
               "nsamples": NSAMPLES, "seqlen": SEQLEN, "seed": seed, "ids_sha": _digest(ids)},
               "eval": ev.get("eval", ev), "compress_seconds": child["seconds"], "peak_rss_mb": child["peak_rss_mb"],
               "max_distinct_per_group": child["max_distinct_per_group"],
