@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, RecipeError
+from ..models.layout import replace_output_head
 from ..ops.rotate import (hadamard_exists, rotate_head_inputs, rotate_head_outputs, rotate_inputs, rotate_outputs,
                           rotation)
 from .base import LinearState, LinearStats, Stage, register
@@ -241,10 +242,7 @@ class Rotate(Stage):
                 head = nn.Linear(hidden, parts.head.out_features, bias=False, device=parts.head.weight.device,
                                  dtype=parts.head.weight.dtype)
                 head.weight.copy_(parts.embed.weight)
-                model.set_output_embeddings(head)
-                for cfg in {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)())
-                            if c is not None}.values():
-                    cfg.tie_word_embeddings = False
+                replace_output_head(model, head)
                 parts.head = head
                 untied = True
         set_(parts.embed.weight, rotate_inputs(on(parts.embed.weight), Q))

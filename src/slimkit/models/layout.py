@@ -105,3 +105,13 @@ def layout_for(model: nn.Module) -> ModelLayout:
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         raise ModelError(f"{model_type} model has no decoder blocks at {path}")
     return layout
+
+
+def replace_output_head(model: nn.Module, head: nn.Module) -> None:
+    """Install ``head`` as the model's output head, untied from the input embedding: the
+    ``tie_word_embeddings`` flag is cleared on the config and on its text config (a composite
+    model's), so that saving and reloading keep the head as its own weight."""
+    configs = (model.config, getattr(model.config, "get_text_config", lambda: None)())
+    for cfg in {id(c): c for c in configs if c is not None}.values():
+        cfg.tie_word_embeddings = False
+    model.set_output_embeddings(head)

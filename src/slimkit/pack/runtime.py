@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.layout import replace_output_head
 from .source import LayerRecord, PackError, expand_groups, first_line
 
 log = logging.getLogger(__name__)
@@ -366,8 +367,7 @@ def load(directory: str | Path, runtime: str = "packed", mode: str = "auto", ver
         out_emb = model.get_output_embeddings()
         if out_emb is None or not isinstance(out_emb, nn.Linear) or out_emb.bias is not None:
             raise PackError(f"{str(d)!r}: the model has no bias-free Linear output head to quantize")
-        model.config.tie_word_embeddings = False  # the head is no longer the embedding matrix
-        model.set_output_embeddings(int8_head(out_emb.weight, mode, dev))
+        replace_output_head(model, int8_head(out_emb.weight, mode, dev))  # no longer the embedding matrix
     model.config.use_cache = True  # the fake-quant folder was saved with use_cache off (calibration)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.use_cache = True
