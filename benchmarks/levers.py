@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 import yaml
-from common import REPORTS, ROOT, compress_run, finished, machine, row, write_section
+from common import REPORTS, RESULTS, ROOT, compress_run, finished, machine, row, write_section
 
 RECIPES = ROOT / "benchmarks" / "recipes" / "levers"
 BUDGETS = {"w4g64": (4, 64), "w3g64": (3, 64), "w2g64": (2, 64), "2of4-w4g64": (4, 64)}
@@ -164,6 +164,56 @@ def findings(budget: str, runs: dict[str, list[dict]], peers: dict[str, list[dic
     return lines
 
 
+PLOT = ROOT / "docs" / "img" / "frontier.png"
+
+
+def frontier_plot(path: Path) -> bool:
+    """KL to dense at each budget (a point per series, seed range as error bars, log scale): today's
+    built-in recipe, slimkit's best variant at no more bits than the peer's grid, and llm-compressor's
+    best configuration. False when nothing is finished."""
+    from slimkit.eval.plots import _pyplot
+
+    groups, bars = [], {"slimkit today (GPTQ / SparseGPT+GPTQ)": [], "slimkit best at the same bits": [],
+                        "llm-compressor, best configuration": []}
+    for budget in BUDGETS:
+        runs = runs_of(budget)
+        same = "sgpt" if budget in SPARSE else "gptq"
+        if same not in runs:
+            continue
+        limit = runs[same][0]["bpw"]
+        kl = {k: [r["kl"] for r in rs] for k, rs in runs.items() if rs[0]["bpw"] <= limit + 1e-9}
+        best = min(kl, key=lambda k: statistics.mean(kl[k]))
+        peers = {c: [p["eval"]["kl"] for p in rs] for c, rs in peer_runs(budget).items()}
+        peer = min(peers.values(), key=statistics.mean) if peers else None
+        b, g = BUDGETS[budget]
+        groups.append(f"{'2:4 + ' if budget in SPARSE else ''}W{b} g{g}\n{limit:.3f} bits/weight")
+        for key, values in zip(bars, (kl[same], kl[best], peer)):
+            bars[key].append(values)
+    if not groups:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    width = 0.8 / len(bars)
+    for j, (label, per_group) in enumerate(bars.items()):
+        xs = [i + (j - 1) * width for i, v in enumerate(per_group) if v]
+        vs = [v for v in per_group if v]
+        means = [statistics.mean(v) for v in vs]
+        err = [[m - min(v) for m, v in zip(means, vs)], [max(v) - m for m, v in zip(means, vs)]]
+        ax.errorbar(xs, means, yerr=err, fmt="os^"[j], markersize=7, capsize=4, linestyle="none", label=label)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("KL(dense || compressed), nats/token (log)")
+    ax.set_title("Default model: mean over the seeds run (error bars: their range)", fontsize=9)
+    ax.grid(True, which="both", axis="y", alpha=0.3)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
@@ -211,6 +261,9 @@ def render() -> str:
         "Regenerate: `python benchmarks/levers.py` (recipes in benchmarks/recipes/levers/).",
         "",
     ]
+    if frontier_plot(PLOT):
+        body += [f"![KL to dense at each budget: slimkit today, slimkit's best, llm-compressor's best]"
+                 f"({PLOT.relative_to(RESULTS.parent).as_posix()})", ""]
     dense_ppl = None
     for budget in BUDGETS:
         rows = []
