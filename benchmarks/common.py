@@ -23,22 +23,23 @@ def finished(recipe: str, tag: str | None = None) -> bool:
 
 
 def compress_run(recipe: str, tag: str | None = None, extra: list[str] = (), fresh: bool = False,
-                 keep_model: bool = False, model: str = "default") -> dict:
+                 keep_model: bool = False, model: str = "default", env: dict[str, str] | None = None) -> dict:
     """Run one compression (unless its report exists) and return the report with the command.
-    ``extra`` options come last and so override the defaults (argparse keeps the last value)."""
+    ``extra`` options come last and so override the defaults (argparse keeps the last value);
+    ``env``: variables set for the process (e.g. OMP_NUM_THREADS), written before the command."""
     tag = tag or recipe.replace("/", "_")
     out = RUNS / tag
     report_path = REPORTS / f"{tag}.json"
     args = ["compress", model, "--recipe", recipe, "--out", str(out.relative_to(ROOT)),
             "--nsamples", "128", "--seqlen", "512", "--seed", "0", "--eval-tokens", "16384",
             "--reference-cache", str((RUNS / "refcache").relative_to(ROOT)), "-q", *extra]
-    command = "slimkit " + shlex.join(args)
+    command = "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items()) + "slimkit " + shlex.join(args)
     if report_path.is_file() and not fresh:
         return json.loads(report_path.read_text())
     shutil.rmtree(out, ignore_errors=True)
     RUNS.mkdir(parents=True, exist_ok=True)
     print(f"[{time.strftime('%H:%M:%S')}] {command}", flush=True)
-    subprocess.run(SLIMKIT + args, cwd=ROOT, check=True)
+    subprocess.run(SLIMKIT + args, cwd=ROOT, check=True, env=os.environ | (env or {}))
     report = json.loads((out / "report.json").read_text())
     report["command"] = command
     REPORTS.mkdir(parents=True, exist_ok=True)
