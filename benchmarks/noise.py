@@ -49,6 +49,12 @@ def rel(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.mean(values)
 
 
+def threads_note(results: dict) -> str:
+    done = [RECIPES[k] for k, (_, one) in results.items() if one]
+    return ("run for " + " and ".join(done)) if done else \
+        "NOT yet run (`python benchmarks/noise.py` runs it: about 13 minutes on these 2 cores)"
+
+
 def render(results: dict) -> str:
     body = ["## Noise floor: the same recipe across calibration draws and thread counts (issue 16)", "",
             "SmolLM2-135M-Instruct (embedded default), the quality frontier's settings (128 x 512 calibration "
@@ -56,7 +62,7 @@ def render(results: dict) -> str:
             "same command with `--seed 0/1/2` (other calibration windows). Threads: seed 0 again with "
             "OMP_NUM_THREADS=1 (the same windows; only the summation order of matrix products differs; the "
             "report and the resume fingerprint record the thread count, and the same seed and thread count "
-            f"give the same bytes). Machine: {machine()}.", "",
+            f"give the same bytes); {threads_note(results)}. Machine: {machine()}.", "",
             "Regenerate: `python benchmarks/noise.py` (the seed runs are the quality frontier's).", "",
             "| recipe | seed | threads | ppl | KL (nats/token) |", "|---|---|---|---|---|"]
     floors = []
