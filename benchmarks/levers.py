@@ -239,9 +239,9 @@ def render() -> str:
         "KL is KL(dense || compressed) per token against the original (unrotated) dense model. Each cell: mean "
         "over the seeds run (range in brackets); differences inside the ranges are ties, and a row with one seed "
         "is one draw. Compress time: the engine's own total (calibration forwards included: RTN with the "
-        "weighted search needs the calibration statistics, plain RTN does not), mean over seeds; the slimkit runs "
-        "shared the 2 cores with short test runs now and then, so read their times as +-10%; llm-compressor's seed "
-        "0 shared them with a llama-perplexity run for 2 of its 8.5 minutes (its other seeds ran alone). "
+        "weighted search needs the calibration statistics, plain RTN does not), mean over seeds; some runs of both "
+        "tools shared the 2 cores with test runs or a llama-perplexity run for part of their time (up to 1.5x "
+        "slower), so compare times only roughly. "
         "The peer row is llm-compressor run by "
         "`benchmarks/peer.py` on the same calibration token ids and scored by slimkit's evaluator on the same "
         f"windows (its own wall time of `oneshot`). Machine: {machine()}.",
