@@ -148,8 +148,12 @@ def findings(budget: str, runs: dict[str, list[dict]], peers: dict[str, list[dic
             continue
         sep = max(ppl[best]) < min(other)
         one = min(len(ppl[best]), len(other)) < 2
+        margin = statistics.mean(other) - statistics.mean(ppl[best])
+        spread_ = max(max(ppl[best]) - min(ppl[best]), max(other) - min(other))
+        within = sep and margin <= spread_
         out.append(f"Against {name} ({statistics.mean(other):.2f} over {len(other)} seed(s)): "
                    f"{'lower in every seed' if sep else 'NOT lower in every seed'}"
+                   f"{f', but by {margin:.2f}, less than the seed range ({spread_:.2f}): a tie' if within else ''}"
                    f"{' (fewer than two seeds: not yet a finding)' if one else ''}.")
     lines = [" ".join(out), ""]
     if budget in SPARSE and "sgpt-g128s" in runs:
