@@ -113,7 +113,7 @@ def peer_configs(budget: str) -> dict[str, str]:
     if budget in SPARSE:
         return {f"sparsegpt-2of4-gptq-w{b}-g{g}": "SparseGPT 2:4 then GPTQ (its defaults: static act-order, min-max"}
     return {f"gptq-w{b}-g{g}": "GPTQ (its defaults: static act-order, min-max",
-            f"gptq-w{b}-g{g}-imatrix": "GPTQ with its importance-weighted range search (observer imatrix_mse)"}
+            f"gptq-w{b}-g{g}-imatrix": "GPTQ (with its importance-weighted range search, observer imatrix_mse"}
 
 
 def peer_runs(budget: str) -> dict[str, list[dict]]:
@@ -286,8 +286,9 @@ def render() -> str:
             what = peer_configs(budget)[config] + "; same windows; `benchmarks/peer.py`)"
             refilled = [p["not_2of4_fraction"] for p in reports if p.get("not_2of4_fraction") is not None]
             if refilled:
-                what += (f": NOT strictly 2:4, its GPTQ keeps no mask and its updates refill {100 * min(refilled):.1f}"
-                         f"-{100 * max(refilled):.1f}% of the groups of 4 with a third or fourth non-zero")
+                share = " to ".join(sorted({f"{100 * v:.1f}" for v in (min(refilled), max(refilled))}))
+                what += (f": NOT strictly 2:4, its GPTQ keeps no mask and its updates refill {share}% of the "
+                         "groups of 4 with a third or fourth non-zero")
             rows.append(f"| {reports[0]['peer'].split(' (')[0]} {what} | {','.join(str(p['seed']) for p in reports)} | "
                         f"{spread([p['eval']['ppl'] for p in reports])} | "
                         f"{spread([p['eval']['kl'] for p in reports], 4)} | "
