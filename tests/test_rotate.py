@@ -11,6 +11,7 @@ from helpers import family_config
 from slimkit.errors import ModelError, RecipeError
 from slimkit.methods.rotate import Rotate
 from slimkit.models import layout_for
+from slimkit.models.layout import ResidentBlocks
 from slimkit.ops.rotate import hadamard, hadamard_exists, random_hadamard, random_orthogonal, rotation
 from slimkit.recipe import Recipe
 
@@ -77,7 +78,7 @@ def test_rotated_model_computes_the_same_logits(model_type, tied, kind):
     layout = layout_for(m)
     blocks = layout.blocks(m)
     q0 = blocks[0].self_attn.q_proj.weight.clone()
-    done = Rotate(kind=kind, seed=5).transform(m, blocks, layout.model_type).info
+    done = Rotate(kind=kind, seed=5).transform(m, ResidentBlocks(m, layout), layout.model_type).info
     assert not torch.allclose(blocks[0].self_attn.q_proj.weight, q0)  # the weights did change
     assert _close(_logits(m, ids), before)
     # a tied head with a non-constant final norm cannot stay tied: it is untied, and says so
@@ -92,7 +93,7 @@ def test_tied_head_stays_tied_when_the_final_norm_is_constant():
     ids = torch.randint(0, 300, (1, 16))
     before = _logits(m, ids)
     layout = layout_for(m)
-    done = Rotate().transform(m, layout.blocks(m), "llama").info
+    done = Rotate().transform(m, ResidentBlocks(m, layout), "llama").info
     assert not done["untied_head"]
     assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
     assert _close(_logits(m, ids), before)
@@ -105,7 +106,7 @@ def test_rotated_model_saves_as_an_ordinary_checkpoint(tmp_path):
     ids = torch.randint(0, 300, (1, 16))
     before = _logits(m, ids)
     layout = layout_for(m)
-    Rotate().transform(m, layout.blocks(m), "qwen2")
+    Rotate().transform(m, ResidentBlocks(m, layout), "qwen2")
     m.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
     again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -120,7 +121,7 @@ def test_unsupported_blocks_are_refused_by_name(model_type, why):
     layout = layout_for(m)
     w = {n: p.clone() for n, p in m.state_dict().items()}
     with pytest.raises(ModelError, match=why) as e:
-        Rotate().transform(m, layout.blocks(m), layout.model_type)
+        Rotate().transform(m, ResidentBlocks(m, layout), layout.model_type)
     assert "\n" not in str(e.value)
     assert all(torch.equal(p, w[n]) for n, p in m.state_dict().items())  # refused before any change
 
@@ -225,7 +226,7 @@ def test_bf16_model_rotates_with_norm_scales_read_exactly(model_type):
     ids = torch.randint(0, 300, (1, 16))
     before = _logits(m, ids)
     layout = layout_for(m)
-    Rotate().transform(m, layout.blocks(m), model_type)
+    Rotate().transform(m, ResidentBlocks(m, layout), model_type)
     assert m.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert _close(_logits(m, ids), before, rel=5e-2)  # bf16 storage rounds the rotated weights
 
@@ -291,7 +292,7 @@ def test_rotated_builtins_equal_their_method_on_a_rotated_model(name, tiny_llama
     m = AutoModelForCausalLM.from_pretrained(str(pre), dtype=torch.float32)
     rec = load_recipe(name).to_dict()
     Rotate(**{k: v for k, v in rec["stages"][0].items() if k != "method"}).transform(
-        m, layout_for(m).blocks(m), m.config.model_type)
+        m, ResidentBlocks(m, layout_for(m)), m.config.model_type)
     m.save_pretrained(pre)
     rest = tmp_path / "rest.yaml"
     rest.write_text(Recipe.from_dict(rec | {"name": "rest", "stages": rec["stages"][1:]}).to_yaml())

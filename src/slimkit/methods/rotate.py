@@ -139,27 +139,6 @@ def block_parts(blk: nn.Module, i: int, model_type: str, head_dim: int) -> dict[
     return d
 
 
-class _Listed:
-    """A list of resident blocks seen as a block source (``len``, ``peek``, ``transform_blocks``)."""
-
-    def __init__(self, blocks):
-        self.blocks = list(blocks)
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def peek(self, index: int) -> nn.Module:
-        return self.blocks[index]
-
-    def transform_blocks(self, fn) -> None:
-        for i, b in enumerate(self.blocks):
-            fn(i, b)
-
-
-def _source(blocks):
-    return blocks if hasattr(blocks, "transform_blocks") else _Listed(blocks)
-
-
 def _materialized(module: nn.Module) -> bool:
     return all(t.device.type != "meta" for t in module.parameters())
 
@@ -194,14 +173,13 @@ class Rotate(Stage):
 
     def check_model(self, model: nn.Module, blocks, model_type: str) -> ShellParts:
         """Everything the transform needs, checked before any work (ModelError / RecipeError).
-        ``blocks``: the decoder blocks, or a block source whose blocks may be unfilled structures
-        on the meta device (--low-memory): those are checked by structure, their norms by block 0's
-        class when they are filled."""
-        src = _source(blocks)
+        ``blocks``: the block source (models.layout.ResidentBlocks, or streaming.StreamedModel whose
+        blocks are unfilled structures on the meta device until read: those are checked by structure,
+        their norms when they are filled)."""
         parts = shell_parts(model, model_type)
         norm_scale(parts.final_norm, "the final norm")  # each norm is an RMSNorm this can fold
-        for i in range(len(src)):
-            d = block_parts(src.peek(i), i, model_type, parts.head_dim)
+        for i in range(len(blocks)):
+            d = block_parts(blocks.peek(i), i, model_type, parts.head_dim)
             for key in ("input_norm", "post_norm"):
                 if _materialized(d[key]):
                     norm_scale(d[key], f"block {i} {key}")
@@ -216,10 +194,9 @@ class Rotate(Stage):
     def transform(self, model: nn.Module, blocks, model_type: str,
                   device: torch.device | None = None) -> Transformed:
         """Rotate ``model`` in place (each tensor computed in float64 on ``device``, stored back in
-        its own dtype and place). ``blocks``: the decoder blocks, or a block source
-        (``transform_blocks(fn)``: resident blocks now, streamed ones as each is read)."""
-        src = _source(blocks)
-        parts = self.check_model(model, src, model_type)
+        its own dtype and place). ``blocks``: the block source (``transform_blocks(fn)``: resident
+        blocks now, streamed ones as each is read)."""
+        parts = self.check_model(model, blocks, model_type)
         hidden = parts.embed.weight.shape[1]
         Q = rotation(self.kind, hidden, self.seed)
         R2 = rotation(self.kind, parts.head_dim, self.seed + 1) if self.heads else None
@@ -269,7 +246,7 @@ class Rotate(Stage):
                     set_(d["v_proj"].bias, rotate_head_outputs(on(d["v_proj"].bias), R2))
                 set_(d["o_proj"].weight, rotate_head_inputs(on(d["o_proj"].weight), R2))
 
-        src.transform_blocks(rotate_block)
+        blocks.transform_blocks(rotate_block)
         M = Q if head_scale is None else head_scale.to(torch.float64)[:, None] * Q  # head W -> W diag(g) Q
         return Transformed({"kind": self.kind, "seed": self.seed, "heads": self.heads, "hidden": hidden,
                             "head_dim": parts.head_dim, "untied_head": untied}, M)
