@@ -125,15 +125,22 @@ def peer_runs(budget: str) -> dict[str, list[dict]]:
     return out
 
 
+def at_peer_bits(budget: str, runs: dict[str, list[dict]]) -> tuple[str, float | None, list[str]]:
+    """(today's recipe on the peer's grid, its bits/weight or None when not run, the variants at no
+    more bits/weight than it)."""
+    same = "sgpt" if budget in SPARSE else "gptq"
+    limit = runs[same][0]["bpw"] if same in runs else None
+    return same, limit, [k for k, rs in runs.items() if limit is None or rs[0]["bpw"] <= limit + 1e-9]
+
+
 def findings(budget: str, runs: dict[str, list[dict]], peers: dict[str, list[dict]]) -> list[str]:
     """The best variant at no more bits/weight than the peer's grid, against today's recipe and the
     peer (a win only when lower in every seed, and with two seeds or more); for 2:4 + W4, the gap to
     dense that SLiM+ and its rotated form close over the SLiM table's base."""
     if not runs:
         return []
-    same = "sgpt" if budget in SPARSE else "gptq"  # today's recipe on the peer's grid
-    limit = runs[same][0]["bpw"] if same in runs else None
-    ppl = {k: [r["ppl"] for r in rs] for k, rs in runs.items() if limit is None or rs[0]["bpw"] <= limit + 1e-9}
+    same, limit, keys = at_peer_bits(budget, runs)
+    ppl = {k: [r["ppl"] for r in runs[k]] for k in keys}
     label = {k: v[0] for k, v in variants(budget).items()}
     best = min(ppl, key=lambda k: statistics.mean(ppl[k]))
     out = [f"Best here{f' at no more than {limit:.3f} bits/weight' if limit else ''}: {label[best]}, mean "
@@ -171,7 +178,7 @@ def findings(budget: str, runs: dict[str, list[dict]], peers: dict[str, list[dic
 PLOT = ROOT / "docs" / "img" / "frontier.png"
 
 
-def frontier_plot(path: Path) -> bool:
+def frontier_plot(path: Path, runs_by_budget: dict[str, dict[str, list[dict]]]) -> bool:
     """KL to dense at each budget (a point per series, seed range as error bars, log scale): today's
     built-in recipe, slimkit's best variant at no more bits than the peer's grid, and llm-compressor's
     best configuration. False when nothing is finished."""
@@ -179,13 +186,11 @@ def frontier_plot(path: Path) -> bool:
 
     groups, bars = [], {"slimkit today (GPTQ / SparseGPT+GPTQ)": [], "slimkit best at the same bits": [],
                         "llm-compressor, best configuration": []}
-    for budget in BUDGETS:
-        runs = runs_of(budget)
-        same = "sgpt" if budget in SPARSE else "gptq"
-        if same not in runs:
+    for budget, runs in runs_by_budget.items():
+        same, limit, keys = at_peer_bits(budget, runs)
+        if limit is None:
             continue
-        limit = runs[same][0]["bpw"]
-        kl = {k: [r["kl"] for r in rs] for k, rs in runs.items() if rs[0]["bpw"] <= limit + 1e-9}
+        kl = {k: [r["kl"] for r in runs[k]] for k in keys}
         best = min(kl, key=lambda k: statistics.mean(kl[k]))
         peers = {c: [p["eval"]["kl"] for p in rs] for c, rs in peer_runs(budget).items()}
         peer = min(peers.values(), key=statistics.mean) if peers else None
@@ -265,13 +270,14 @@ def render() -> str:
         "Regenerate: `python benchmarks/levers.py` (recipes in benchmarks/recipes/levers/).",
         "",
     ]
-    if frontier_plot(PLOT):
+    runs_by_budget = {budget: runs_of(budget) for budget in BUDGETS}
+    if frontier_plot(PLOT, runs_by_budget):
         body += [f"![KL to dense at each budget: slimkit today, slimkit's best, llm-compressor's best]"
                  f"({PLOT.relative_to(RESULTS.parent).as_posix()})", ""]
     dense_ppl = None
     for budget in BUDGETS:
         rows = []
-        runs = runs_of(budget)
+        runs = runs_by_budget[budget]
         b, g = BUDGETS[budget]
         for key, rs in runs.items():
             label = variants(budget)[key][0]
