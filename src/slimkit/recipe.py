@@ -166,6 +166,11 @@ class Recipe:
                               "and must be the recipe's only stage (sparsegpt_gguf prunes in the same sweep)")
         if sum(1 for s in self.stages if s.prunes) > 1:
             raise RecipeError(f"recipe {self.name!r} prunes more than once")
+        for i, s in enumerate(self.stages):
+            if s.needs_reprune and not any(t.reprunes for t in self.stages[:i]):
+                raise RecipeError(f"recipe {self.name!r}: {s.name} with reselect_mask chooses the sparsity mask "
+                                  "again, jointly with the grid: an earlier stage must prune and quantize in one "
+                                  "sweep (sparsegpt with bits)")
         if self.finetune is not None and not any(_makes_adapters(s) for s in self.stages):
             raise RecipeError(f"recipe {self.name!r}: its finetune: section trains low-rank adapters, but no "
                               "stage makes any (slim_lora, or reallm with a rank above 0)")

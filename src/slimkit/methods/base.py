@@ -154,6 +154,10 @@ class LinearState:
     # re-quantize a new target with the grid family of the quantizing stage: (target (out, in),
     # keep-mask or None) -> (weight, scale, zero); low-rank stages re-fit the base to W - L R with it
     requantize: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    # prune and quantize a new target again, choosing a new mask of the same pattern jointly with the
+    # grid: target (out, in) -> (weight, mask, scale, zero); set by stages that prune and quantize in
+    # one sweep (SparseGPT with bits), used by low-rank stages that re-select the mask (reselect_mask)
+    reprune: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # a method's extra tensors to persist
     notes: dict[str, Any] = field(default_factory=dict)
     position: LayerPosition | None = None
@@ -244,6 +248,8 @@ class Stage:
     quantizes: ClassVar[bool] = False
     prunes: ClassVar[bool] = False
     makes_adapters: ClassVar[bool] = False  # leaves low-rank L, R that a recipe's finetune: section trains
+    reprunes: ClassVar[bool] = False  # leaves state.reprune (a joint prune + quantize of a new target)
+    needs_reprune: ClassVar[bool] = False  # uses state.reprune: an earlier stage must leave it
     uniform_grid: ClassVar[bool] = True  # a quantizing stage that leaves a uniform grid in state.quant
     accepts_mask: ClassVar[bool] = True  # can run on an already pruned layer and keep its mask
     alone: ClassVar[bool] = False  # must be a recipe's only stage (its stored form is final: GGUF blocks)

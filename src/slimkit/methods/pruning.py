@@ -88,6 +88,10 @@ class SparseGPT(SweepFields, PruneFields, Stage):
     def quantizes(self) -> bool:  # type: ignore[override]
         return self.bits is not None
 
+    @property
+    def reprunes(self) -> bool:  # type: ignore[override]
+        return self.bits is not None
+
     def quant_spec(self) -> QuantSpec | None:
         if self.bits is None:
             return None
@@ -108,7 +112,12 @@ class SparseGPT(SweepFields, PruneFields, Stage):
                 r = obs_sweep(target, inv, quant=spec, mask=mask, blocksize=self.blocksize, importance=importance)
                 return r.W, r.scale, r.zero
 
+            def reprune(target):  # the joint sweep again: a new mask of the same pattern
+                r = obs_sweep(target, inv, quant=spec, sparsity=pattern, blocksize=self.blocksize,
+                              importance=importance)
+                return r.W, r.keep, r.scale, r.zero
+
             state.quant, state.scale, state.zero = spec, res.scale, res.zero
-            state.requantize = requantize
+            state.requantize, state.reprune = requantize, reprune
         state.notes["damp"] = inv.damp
         return state

@@ -82,7 +82,14 @@ class SlimLoRA(Stage):
     L = diag(d)^-1 V_r S_r; "none": Naive-LoRA, SVD of E; "hessian": the exact minimiser of the
     layer's output error tr(E' H E'^T) with the full input covariance (slimkit's extension). Adapters optionally AbsMax-quantized (``adapter_bits``,
     groups of ``adapter_group`` along the first dimension of L and R). With ``refit`` the base is
-    re-quantized to mask * (W - (L R)^T) by the quantizing stage's grid family (a fresh clip)."""
+    re-quantized to mask * (W - (L R)^T) by the quantizing stage's grid family (a fresh clip).
+
+    ``iterations`` > 1 alternates the two fits (LoftQ-style): adapters of the current base's error,
+    then the base re-fit to W - (L R)^T, and again; every step lowers the same objective (the layer's
+    output error), the adapter step exactly, and the stage keeps the round with the lowest error, so
+    it is never worse than one round. With ``reselect_mask`` the re-fits after the first also choose
+    the sparsity mask again (same pattern), jointly with the grid, for the weight that the adapters
+    leave to the base; it needs a base from an earlier SparseGPT stage with ``bits``."""
 
     name = "slim_lora"
     makes_adapters = True
@@ -95,8 +102,14 @@ class SlimLoRA(Stage):
     adapter_group: int = 128
     pad_to: int | None = 128
     refit: bool = True
+    iterations: int = 1
+    reselect_mask: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or not 1 <= self.iterations <= 100:
+            raise RecipeError(f"iterations must be an integer from 1 to 100, got {self.iterations!r}")
+        if (self.iterations > 1 or self.reselect_mask) and not self.refit:
+            raise RecipeError("iterations > 1 and reselect_mask re-fit the base: they need refit: true")
         if self.saliency not in SALIENCY:
             raise RecipeError(f"saliency must be one of {', '.join(SALIENCY)}, got {self.saliency!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, float)):
@@ -116,20 +129,47 @@ class SlimLoRA(Stage):
     def needs(self):  # type: ignore[override]
         return SALIENCY[self.saliency]
 
+    @property
+    def needs_reprune(self) -> bool:  # type: ignore[override]
+        return self.reselect_mask
+
     def apply(self, state: LinearState, stats: LinearStats | None) -> LinearState:
-        W, Wc = state.original, state.weight
+        W = state.original
         out, k = W.shape
         r = resolve_rank(self.rank, out, k, self.pad_to)
-        if self.saliency == "hessian":
-            L, R = hessian_lowrank(W - Wc, stats.hessian, r)
-        else:
-            d = saliency_diag(stats.act_norm) if self.saliency == "activation" else None
-            L, R = weighted_lowrank(W - Wc, d, r)  # (in, r), (r, out)
-        if self.adapter_bits is not None:
-            L, _ = absmax_quantize(L, self.adapter_bits, self.adapter_group)
-            R, _ = absmax_quantize(R, self.adapter_bits, self.adapter_group)
+        if self.reselect_mask and state.reprune is None:
+            raise RecipeError(f"{state.name}: reselect_mask needs a base pruned and quantized by SparseGPT with bits")
+        refit = self.refit and state.requantize is not None
+        d = saliency_diag(stats.act_norm) if self.saliency == "activation" else None
+        best = None  # (objective, weight, mask, scale, zero, L, R): the best round of the alternation
+        for it in range(self.iterations if refit else 1):
+            E = W - state.weight
+            if self.saliency == "hessian":
+                L, R = hessian_lowrank(E, stats.hessian, r)
+            else:
+                L, R = weighted_lowrank(E, d, r)  # (in, r), (r, out)
+            if self.adapter_bits is not None:
+                L, _ = absmax_quantize(L, self.adapter_bits, self.adapter_group)
+                R, _ = absmax_quantize(R, self.adapter_bits, self.adapter_group)
+            if refit:
+                target = W - (L @ R).T
+                if self.reselect_mask and it > 0:  # round 1 keeps the mask: the best round is never worse than it
+                    state.weight, state.mask, state.scale, state.zero = state.reprune(target)
+                else:
+                    state.weight, state.scale, state.zero = state.requantize(target, state.mask)
+            if self.iterations > 1:
+                obj = self._objective(target - state.weight, stats, d)
+                if best is None or obj < best[0]:
+                    best = (obj, state.weight, state.mask, state.scale, state.zero, L, R)
+        if best is not None:
+            _, state.weight, state.mask, state.scale, state.zero, L, R = best
         state.L, state.R = L, R
         state.adapter_bits, state.adapter_group = self.adapter_bits, self.adapter_group
-        if self.refit and state.requantize is not None:
-            state.weight, state.scale, state.zero = state.requantize(W - (L @ R).T, state.mask)
         return state
+
+    def _objective(self, E: torch.Tensor, stats: LinearStats | None, d: torch.Tensor | None) -> float:
+        """What the adapters minimise, for the error E left by base and adapters together: the
+        output error tr(E H E^T) (hessian), ||E diag(d)||^2 (activation) or ||E||^2 (none)."""
+        if self.saliency == "hessian":
+            return float(((E @ stats.hessian) * E).sum())
+        return float((E if d is None else E * d[None, :]).square().sum())
