@@ -94,7 +94,8 @@ class SlimLoRA(Stage):
     name = "slim_lora"
     makes_adapters = True
     examples = ({"rank": 0.25, "pad_to": None}, {"rank": 16, "adapter_bits": None, "saliency": "none"},
-                {"rank": 0.1, "adapter_bits": 4, "adapter_group": 32, "pad_to": 16, "saliency": "hessian"})
+                {"rank": 0.1, "adapter_bits": 4, "adapter_group": 32, "pad_to": 16, "saliency": "hessian"},
+                {"rank": 8, "pad_to": None, "saliency": "hessian", "iterations": 2})
     battery_prelude = ({"method": "rtn", "bits": 3, "group_size": 32},)
     rank: float | int = 0.1
     saliency: str = "activation"
