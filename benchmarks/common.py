@@ -74,6 +74,26 @@ def command_lines(rows: list[dict]) -> list[str]:
     return ["Commands:", ""] + [f"- {r['label']}: `{r['command']}`" for r in rows]
 
 
+IMG = ROOT / "docs" / "img"
+
+
+def recipe_of(r: dict) -> str:
+    """The recipe name a row's command ran (a recipe file's stem)."""
+    args = shlex.split(r["command"])
+    return Path(args[args.index("--recipe") + 1]).stem
+
+
+def section_plot(name: str, rows: list[dict], dense_ppl: float, what: str) -> list[str]:
+    """Perplexity against bits/weight for a section's rows (labelled by recipe, Pareto front and
+    dense marked) as docs/img/<name>.png; -> the markdown lines that embed it."""
+    from slimkit.eval.plots import compare_plot
+
+    IMG.mkdir(parents=True, exist_ok=True)
+    compare_plot([{"label": recipe_of(r), "bits": r["bpw"], "value": r["ppl"]} for r in rows],
+                 "perplexity (held-out plays)", dense_ppl, IMG / f"{name}.png")
+    return [f"![{what}: perplexity against bits/weight, Pareto front and dense marked](img/{name}.png)", ""]
+
+
 def machine() -> str:
     import platform
 

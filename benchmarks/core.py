@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import command_lines, compress_run, finished, machine, row, table, write_section
+from common import command_lines, compress_run, finished, machine, row, section_plot, table, write_section
 
 CONFIGS = [
     ("RTN W4 per-channel (asym)", "rtn-w4-channel"),
@@ -75,6 +75,7 @@ def main():
         "",
         "Regenerate: `python benchmarks/core.py --fresh` (each row's command is listed below).",
         "",
+        *section_plot("core", rows, rows[0]["dense_ppl"], "Core baselines"),
         table([dense] + rows),
         "",
         *not_run,

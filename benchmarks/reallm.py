@@ -17,7 +17,7 @@ import argparse
 import math
 from collections import Counter
 
-from common import RUNS, command_lines, compress_run, machine, row, table, write_section
+from common import RUNS, command_lines, compress_run, machine, row, section_plot, table, write_section
 from slim_llm import CALIB, tag as calib_tag
 
 from slimkit.recipe import builtin_recipes
@@ -140,6 +140,7 @@ def main():
         "",
         "Regenerate: `python benchmarks/reallm.py --fresh`.",
         "",
+        *section_plot("reallm", [r for _, rows in sections for r in rows], dense["ppl"], "ReALLM and its baselines"),
     ]
     for budget, rows in sections:
         body += [f"### {budget} bits/weight", "", table([dense] + rows), ""]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import command_lines, compress_run, machine, row, write_section
+from common import command_lines, compress_run, machine, row, section_plot, write_section
 
 SETTINGS = {
     "2:4": [
@@ -71,7 +71,9 @@ def main():
             rows.append(row(label + (" †" if recipe in SHARED_MACHINE and not args.fresh else ""), report)
                         | {"recipe": recipe, "report": report})
         dense = rows[0]["dense_ppl"]
-        body += [f"### {setting} sparsity + 4-bit weights (dense ppl {dense:.2f})", "", gap_table(rows, dense), ""]
+        slug = "slim-" + "".join(c for c in setting if c.isalnum())
+        body += [f"### {setting} sparsity + 4-bit weights (dense ppl {dense:.2f})", "",
+                 *section_plot(slug, rows, dense, f"SLiM, {setting} sparsity + 4-bit"), gap_table(rows, dense), ""]
         if any("†" in r["label"] for r in rows):
             body += ["† wall time taken while another job shared the 2 cores (up to ~1.8x slower: "
                      "SparseGPT+GPTQ W4 g64 took 475 s alone in the core benchmark); ppl, KL, bits and RSS "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import command_lines, compress_run, machine, row, table, write_section
+from common import command_lines, compress_run, machine, row, section_plot, table, write_section
 
 BITS = (2, 3)
 CALIB = ["--nsamples", "32"]  # overrides compress_run's 128 (extra options come last)
@@ -104,6 +104,7 @@ def main():
         "",
         "Regenerate: `python benchmarks/slim_llm.py --fresh` (each row's command is listed below).",
         "",
+        *section_plot("slim-llm", rows, rows[0]["dense_ppl"], "SliM-LLM and its baselines"),
         table([dense] + rows),
         "",
         "Share of column groups at each width (all layers): "

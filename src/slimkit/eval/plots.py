@@ -102,8 +102,12 @@ def compare_plot(rows: list[dict], metric: str, dense: float | None, path: Path)
             label="Pareto front", zorder=2)
     if dense is not None:
         ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.3g})")
+    values = [p[1] for p in pts] + ([dense] if dense is not None else [])
+    log = min(values) > 0 and max(values) > 10 * min(values)  # a wide range (W2 next to W4) on a log axis
+    if log:
+        ax.set_yscale("log")
     ax.set_xlabel("bits / weight (compressed Linears, everything stored)")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(metric + (" (log scale)" if log else ""))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
