@@ -35,13 +35,16 @@ def compress_run(recipe: str, tag: str | None = None, extra: list[str] = (), fre
             "--reference-cache", str((RUNS / "refcache").relative_to(ROOT)), "-q", *extra]
     command = "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items()) + "slimkit " + shlex.join(args)
     if report_path.is_file() and not fresh:
-        return json.loads(report_path.read_text())
+        report = json.loads(report_path.read_text())
+        report.setdefault("date", committed_date(report_path))
+        return report
     shutil.rmtree(out, ignore_errors=True)
     RUNS.mkdir(parents=True, exist_ok=True)
     print(f"[{time.strftime('%H:%M:%S')}] {command}", flush=True)
     subprocess.run(SLIMKIT + args, cwd=ROOT, check=True, env=os.environ | (env or {}))
     report = json.loads((out / "report.json").read_text())
     report["command"] = command
+    report["date"] = time.strftime("%Y-%m-%d")
     REPORTS.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=1))
     if not keep_model:
@@ -50,12 +53,21 @@ def compress_run(recipe: str, tag: str | None = None, extra: list[str] = (), fre
     return report
 
 
+def committed_date(path: Path) -> str:
+    """When a report older than the "date" field was made: the day git last committed it (today when
+    it is not committed)."""
+    out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", str(path)], cwd=ROOT,
+                         capture_output=True, text=True).stdout.strip()
+    return out or time.strftime("%Y-%m-%d")
+
+
 def row(label: str, r: dict) -> dict:
     ev, comp = r["eval"], r["compression"]
     seconds = comp["timings"]["total"] + (r.get("finetune") or {}).get("seconds", 0.0)
     return {"label": label, "ppl": ev["ppl"], "kl": ev["kl"], "bpw": comp["bits_per_weight"],
             "time": seconds, "rss": r["peak_rss_compress_mb"], "dense_ppl": ev["ref_ppl"],
-            "command": r["command"], "timings": comp["timings"], "finetune": r.get("finetune")}
+            "command": r["command"], "timings": comp["timings"], "finetune": r.get("finetune"),
+            "date": r.get("date")}
 
 
 def table(rows: list[dict]) -> str:
@@ -94,12 +106,16 @@ def section_plot(name: str, rows: list[dict], dense_ppl: float, what: str) -> li
     return [f"![{what}: perplexity against bits/weight, Pareto front and dense marked](img/{name}.png)", ""]
 
 
-def machine() -> str:
+def machine(rows: list[dict] | None = None) -> str:
+    """This machine, and the day of the runs: given rows, the span of their reports' dates (a
+    section regenerated from older reports keeps their day), else today."""
     import platform
 
     import torch
+    dates = sorted({r["date"] for r in rows or () if r.get("date")}) or [time.strftime("%Y-%m-%d")]
+    when = dates[0] if len(dates) == 1 else f"runs of {dates[0]} to {dates[-1]}"
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, fp32, {time.strftime('%Y-%m-%d')}")
+            f"{torch.get_num_threads()} threads, fp32, {when}")
 
 
 def write_section(name: str, body: str) -> None:

@@ -71,7 +71,7 @@ def main():
         f"layers the kept values plus 2-bit positions (2:4) or a 1-bit map (unstructured); pruned-only "
         f"layers keep fp16 values. Time is the compression itself (first-block capture to the last block, "
         f"without model loading, tokenization and evaluation); peak RSS is the whole `slimkit compress` "
-        f"process up to the end of compression (model loading included). Machine: {machine()}.",
+        f"process up to the end of compression (model loading included). Machine: {machine(rows)}.",
         "",
         "Regenerate: `python benchmarks/core.py --fresh` (each row's command is listed below).",
         "",

@@ -136,7 +136,7 @@ def main():
         "block scales with their fp32 group maxima, the packed column permutation and the fp16 low-rank "
         "factors. Each ReALLM matrix meets the budget on its own (rank, vector length, codebook and block "
         f"chosen per matrix by measured error). Times: OMP_NUM_THREADS=1, two or three runs at a time on "
-        f"the 2 cores (as in the SliM-LLM table). Machine: {machine()}.",
+        f"the 2 cores (as in the SliM-LLM table). Machine: {machine([r for _, rows in sections for r in rows])}.",
         "",
         "Regenerate: `python benchmarks/reallm.py --fresh`.",
         "",

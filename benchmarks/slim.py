@@ -60,8 +60,9 @@ def main():
             "Mirrors the SLiM paper's Tables 10 (2:4 + 4-bit) and 11 (50% unstructured + 4-bit) on the default "
             "model. Bits/weight include everything stored: codes, scales, sparsity metadata and the adapters "
             "(fp16, or 4-bit codes + fp16 scale per 128 entries). Time includes adapter fine-tuning where "
-            f"listed. Machine: {machine()}.", "",
+            "listed. Machine: {machine}.", "",
             "Regenerate: `python benchmarks/slim.py --fresh`.", ""]
+    every = []
     for setting, configs in SETTINGS.items():
         if args.only and setting != args.only:
             continue
@@ -71,6 +72,7 @@ def main():
             rows.append(row(label + (" †" if recipe in SHARED_MACHINE and not args.fresh else ""), report)
                         | {"recipe": recipe, "report": report})
         dense = rows[0]["dense_ppl"]
+        every += rows
         slug = "slim-" + "".join(c for c in setting if c.isalnum())
         body += [f"### {setting} sparsity + 4-bit weights (dense ppl {dense:.2f})", "",
                  *section_plot(slug, rows, dense, f"SLiM, {setting} sparsity + 4-bit"), gap_table(rows, dense), ""]
@@ -86,6 +88,7 @@ def main():
         if setting == "2:4":
             body += targets(rows, dense)
         body += command_lines(rows) + [""]
+    body[2] = body[2].replace("{machine}", machine(every))
     write_section("slim", "\n".join(body))
 
 

@@ -91,7 +91,7 @@ def main():
         "zero is the fractional row mean), and SliM-LLM's uint8 bit map per group. Time and peak RSS are those "
         "of the whole `slimkit compress` process; the runs of this table and of the ReALLM table were made "
         "with OMP_NUM_THREADS=1, two or three at a time on the 2 cores, so compare times within these two "
-        f"tables only. Machine: {machine()}.",
+        f"tables only. Machine: {machine(rows)}.",
         "",
         "SliM-LLM: SBA bit map (top-k / bottom-k groups by salience W^2/diag(Hinv)^2 one bit up / down, k by "
         "the KL of the layer's output softmax on 4,096 calibration tokens; exact average), SQC grids "
