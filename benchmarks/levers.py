@@ -54,13 +54,9 @@ SPARSE_VARIANTS = {
     "rot-sgpt-ws": ("rotate + SparseGPT 2:4 + GPTQ W4 g64 + weighted range search",
                     lambda b, g: [ROT, SP | {"bits": b, "group_size": g, "weighted_search": True}]),
     "sgpt-g128s": ("SparseGPT 2:4 + GPTQ W4 g128 sym (the SLiM table's base, `sparsegpt-gptq`)", "sparsegpt-gptq"),
-    "slim-plus": ("SLiM+ (the built-in `slim-plus`: that base + 4-bit low-rank adapters)", "slim-plus"),
+    "slim-plus": ("SLiM+ (the built-in `slim-plus`: that base with the weighted range search + 4-bit low-rank "
+                  "adapters, 4 alternating rounds of adapters and base, the mask re-chosen)", "slim-plus"),
     "rot-slim-plus": ("rotate + SLiM+ with weighted range search (the built-in `rotate-slim-plus`)", "rotate-slim-plus"),
-    "slim-plus-alt": ("SLiM+ with weighted range search, 4 alternating rounds of adapters and base, the 2:4 mask "
-                      "re-selected in each re-fit",
-                      lambda b, g: [SP | {"bits": b, "group_size": 128, "symmetric": True, "weighted_search": True},
-                                    {"method": "slim_lora", "rank": 0.1, "saliency": "hessian", "adapter_bits": 4,
-                                     "adapter_group": 128, "pad_to": 128, "iterations": 4, "reselect_mask": True}]),
 }
 
 
@@ -171,7 +167,7 @@ def findings(budget: str, runs: dict[str, list[dict]], peers: dict[str, list[dic
     if budget in SPARSE and "sgpt-g128s" in runs:
         dense = runs["sgpt-g128s"][0]["dense_ppl"]
         base = statistics.mean(r["ppl"] for r in runs["sgpt-g128s"])
-        for k in ("slim-plus", "rot-slim-plus", "slim-plus-alt"):
+        for k in ("slim-plus", "rot-slim-plus"):
             if k in runs:
                 m = statistics.mean(r["ppl"] for r in runs[k])
                 lines += [f"Gap to dense closed by {label[k].split(' (')[0]} over SparseGPT + GPTQ W4 g128 sym "

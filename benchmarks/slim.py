@@ -22,7 +22,7 @@ SETTINGS = {
         ("SLiM-LoRA (fp16 adapters)", "slim-lora"),
         ("SLiM-LoRA^Q (recipe `slim`)", "slim"),
         ("SLiM-LoRA^Q + FT", "slim-ft"),
-        ("slimkit SLiM+ (SparseGPT+GPTQ base, Hessian-weighted LoRA^Q)", "slim-plus"),
+        ("slimkit SLiM+ (SparseGPT+GPTQ base, Hessian-weighted LoRA^Q, alternating re-fits)", "slim-plus"),
     ],
     "50%": [
         ("SparseGPT + GPTQ (W4 g128 sym)", "sparsegpt-gptq-unstructured"),
@@ -126,10 +126,12 @@ def targets(rows: list[dict], dense: float) -> list[str]:
         "and the error of the late blocks, which carry what the early ones let through, stays well above "
         "SparseGPT+GPTQ's (GPTQ compensates every rounding inside the layer; the adapters only fit the residual "
         "after it). What slimkit changed (recipe `slim-plus`): the base is SparseGPT 2:4 + GPTQ W4 "
-        "g128 from one OBS sweep, and the low-rank saliency uses the full input covariance instead of its "
-        "diagonal (L, R = the exact minimiser of the layer's output error ||X (W - W_c - L R)||, via the SVD of "
-        "E C with C C^T = H), with the same 4-bit AbsMax adapters of rank 0.1 and the base re-fitted through "
-        "the quantizer after the adapters are computed.",
+        "g128 from one OBS sweep (with the activation-weighted range search), and the low-rank saliency uses "
+        "the full input covariance instead of its diagonal (L, R = the exact minimiser of the layer's output "
+        "error ||X (W - W_c - L R)||, via the SVD of E C with C C^T = H), with the same 4-bit AbsMax adapters of "
+        "rank 0.1; then 4 alternating rounds: the base re-fitted through SparseGPT + GPTQ to W - L R (from the "
+        "second round on choosing a new 2:4 mask with the adapters in place), the adapters re-fitted to the new "
+        "base's error, keeping the round of lowest output error.",
         "",
     ]
 
