@@ -36,7 +36,8 @@ def compress_run(recipe: str, tag: str | None = None, extra: list[str] = (), fre
     command = "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items()) + "slimkit " + shlex.join(args)
     if report_path.is_file() and not fresh:
         report = json.loads(report_path.read_text())
-        report.setdefault("date", committed_date(report_path))
+        if "date" not in report:
+            report["date"] = committed_date(report_path)
         return report
     shutil.rmtree(out, ignore_errors=True)
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -53,12 +54,15 @@ def compress_run(recipe: str, tag: str | None = None, extra: list[str] = (), fre
     return report
 
 
-def committed_date(path: Path) -> str:
-    """When a report older than the "date" field was made: the day git last committed it (today when
-    it is not committed)."""
-    out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", str(path)], cwd=ROOT,
-                         capture_output=True, text=True).stdout.strip()
-    return out or time.strftime("%Y-%m-%d")
+def committed_date(path: Path) -> str | None:
+    """When a report older than the "date" field was made: the day git last committed it (None when
+    that is not known: not committed, no git, not a checkout)."""
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", str(path)], cwd=ROOT,
+                             capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+    return out or None
 
 
 def row(label: str, r: dict) -> dict:
@@ -90,9 +94,15 @@ IMG = ROOT / "docs" / "img"
 
 
 def recipe_of(r: dict) -> str:
-    """The recipe name a row's command ran (a recipe file's stem)."""
+    """The recipe a row's command ran (a built-in name, or a recipe file's name without .yaml); the
+    row's label when the command names none."""
     args = shlex.split(r["command"])
-    return Path(args[args.index("--recipe") + 1]).stem
+    given = [a.split("=", 1)[1] if a.startswith("--recipe=") else args[i + 1]
+             for i, a in enumerate(args) if a.startswith("--recipe=") or (a == "--recipe" and i + 1 < len(args))]
+    if not given:
+        return r["label"]
+    name = Path(given[-1]).name  # argparse keeps the last
+    return name.rsplit(".", 1)[0] if name.endswith((".yaml", ".yml")) else name
 
 
 def section_plot(name: str, rows: list[dict], dense_ppl: float, what: str) -> list[str]:
@@ -112,7 +122,7 @@ def machine(rows: list[dict] | None = None) -> str:
     import platform
 
     import torch
-    dates = sorted({r["date"] for r in rows or () if r.get("date")}) or [time.strftime("%Y-%m-%d")]
+    dates = sorted({r["date"] for r in rows or () if r.get("date")}) or [time.strftime("%Y-%m-%d")]  # unknown: today
     when = dates[0] if len(dates) == 1 else f"runs of {dates[0]} to {dates[-1]}"
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, fp32, {when}")

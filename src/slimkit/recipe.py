@@ -167,10 +167,15 @@ class Recipe:
         if sum(1 for s in self.stages if s.prunes) > 1:
             raise RecipeError(f"recipe {self.name!r} prunes more than once")
         for i, s in enumerate(self.stages):
-            if s.needs_reprune and not any(t.reprunes for t in self.stages[:i]):
+            grid = next((t for t in reversed(self.stages[:i]) if t.quantizes), None)  # what the weight sits on
+            if s.needs_reprune and not (grid is not None and grid.reprunes):
                 raise RecipeError(f"recipe {self.name!r}: {s.name} with reselect_mask chooses the sparsity mask "
-                                  "again, jointly with the grid: an earlier stage must prune and quantize in one "
-                                  "sweep (sparsegpt with bits)")
+                                  "again, jointly with the grid: the last quantizing stage before it must prune and "
+                                  "quantize in one sweep (sparsegpt with bits)")
+            if s.needs_requantize and not (grid is not None and grid.requantizes):
+                raise RecipeError(f"recipe {self.name!r}: {s.name} with iterations > 1 re-fits the base on its grid: "
+                                  "the last quantizing stage before it must leave a re-fit (rtn, gptq, slim_quant, "
+                                  "sparsegpt with bits)")
         if self.finetune is not None and not any(_makes_adapters(s) for s in self.stages):
             raise RecipeError(f"recipe {self.name!r}: its finetune: section trains low-rank adapters, but no "
                               "stage makes any (slim_lora, or reallm with a rank above 0)")

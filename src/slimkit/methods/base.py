@@ -248,8 +248,11 @@ class Stage:
     quantizes: ClassVar[bool] = False
     prunes: ClassVar[bool] = False
     makes_adapters: ClassVar[bool] = False  # leaves low-rank L, R that a recipe's finetune: section trains
+    requantizes: ClassVar[bool] = False  # leaves state.requantize (its grid family for a new target)
     reprunes: ClassVar[bool] = False  # leaves state.reprune (a joint prune + quantize of a new target)
-    needs_reprune: ClassVar[bool] = False  # uses state.reprune: an earlier stage must leave it
+    # use state.requantize / state.reprune: the recipe's last quantizing stage before must leave it
+    needs_requantize: ClassVar[bool] = False
+    needs_reprune: ClassVar[bool] = False
     uniform_grid: ClassVar[bool] = True  # a quantizing stage that leaves a uniform grid in state.quant
     accepts_mask: ClassVar[bool] = True  # can run on an already pruned layer and keep its mask
     alone: ClassVar[bool] = False  # must be a recipe's only stage (its stored form is final: GGUF blocks)
@@ -279,6 +282,8 @@ class Stage:
 
     def run(self, state: LinearState, stats: LinearStats | None) -> LinearState:
         t = time.perf_counter()
+        if self.quantizes:  # an earlier grid's re-fits no longer describe the weight: this stage sets its own
+            state.requantize = state.reprune = None
         state = self.apply(state, stats)
         state.notes.setdefault("seconds", {})[self.name] = time.perf_counter() - t
         return state

@@ -26,6 +26,7 @@ class GPTQ(SweepFields, QuantFields, Stage):
     name = "gptq"
     needs = frozenset({HESSIAN})
     quantizes = True
+    requantizes = True
     examples = ({"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 48, "actorder": True},
                 {"bits": 3, "group_size": 16, "weighted_search": True, "actorder": True})
     actorder: bool = False

@@ -92,6 +92,10 @@ class SparseGPT(SweepFields, PruneFields, Stage):
     def reprunes(self) -> bool:  # type: ignore[override]
         return self.bits is not None
 
+    @property
+    def requantizes(self) -> bool:  # type: ignore[override]
+        return self.bits is not None
+
     def quant_spec(self) -> QuantSpec | None:
         if self.bits is None:
             return None

@@ -15,6 +15,7 @@ class RTN(QuantFields, Stage):
 
     name = "rtn"
     quantizes = True
+    requantizes = True
     examples = ({"bits": 4, "group_size": 32}, {"bits": 3, "group_size": None, "symmetric": True},
                 {"bits": 3, "group_size": 16, "weighted_search": True})
 

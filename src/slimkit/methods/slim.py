@@ -35,6 +35,7 @@ class SlimQuant(Stage):
 
     name = "slim_quant"
     quantizes = True
+    requantizes = True
     examples = ({"bits": 4}, {"bits": 3, "outliers": 0.02})
     bits: int = 4
     outliers: float = 0.0
@@ -85,11 +86,14 @@ class SlimLoRA(Stage):
     re-quantized to mask * (W - (L R)^T) by the quantizing stage's grid family (a fresh clip).
 
     ``iterations`` > 1 alternates the two fits (LoftQ-style): adapters of the current base's error,
-    then the base re-fit to W - (L R)^T, and again; every step lowers the same objective (the layer's
-    output error), the adapter step exactly, and the stage keeps the round with the lowest error, so
-    it is never worse than one round. With ``reselect_mask`` the re-fits after the first also choose
-    the sparsity mask again (same pattern), jointly with the grid, for the weight that the adapters
-    leave to the base; it needs a base from an earlier SparseGPT stage with ``bits``."""
+    then the base re-fit to W - (L R)^T, and again. Neither step is exact for the other's objective
+    (the adapters are rounded to their grid; GPTQ's re-fit minimises the output error, which is the
+    adapters' own objective only with saliency "hessian"), so the stage scores every round by the
+    adapters' objective and keeps the best: never worse than one round. It needs the recipe's last
+    quantizing stage to leave a re-fit (rtn, gptq, slim_quant, sparsegpt with bits). With
+    ``reselect_mask`` (iterations >= 2) the re-fits after the first also choose the sparsity mask
+    again (same pattern), jointly with the grid, for the weight that the adapters leave to the base;
+    the last quantizing stage must be SparseGPT with ``bits``."""
 
     name = "slim_lora"
     makes_adapters = True
@@ -111,6 +115,8 @@ class SlimLoRA(Stage):
             raise RecipeError(f"iterations must be an integer from 1 to 100, got {self.iterations!r}")
         if (self.iterations > 1 or self.reselect_mask) and not self.refit:
             raise RecipeError("iterations > 1 and reselect_mask re-fit the base: they need refit: true")
+        if self.reselect_mask and self.iterations < 2:
+            raise RecipeError("reselect_mask acts in the re-fits after the first: it needs iterations >= 2")
         if self.saliency not in SALIENCY:
             raise RecipeError(f"saliency must be one of {', '.join(SALIENCY)}, got {self.saliency!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, float)):
@@ -133,6 +139,10 @@ class SlimLoRA(Stage):
     @property
     def needs_reprune(self) -> bool:  # type: ignore[override]
         return self.reselect_mask
+
+    @property
+    def needs_requantize(self) -> bool:  # type: ignore[override]
+        return self.iterations > 1
 
     def apply(self, state: LinearState, stats: LinearStats | None) -> LinearState:
         W = state.original
@@ -158,7 +168,7 @@ class SlimLoRA(Stage):
                     state.weight, state.mask, state.scale, state.zero = state.reprune(target)
                 else:
                     state.weight, state.scale, state.zero = state.requantize(target, state.mask)
-            if self.iterations > 1:
+            if refit and self.iterations > 1:
                 obj = self._objective(target - state.weight, stats, d)
                 if best is None or obj < best[0]:
                     best = (obj, state.weight, state.mask, state.scale, state.zero, L, R)
