@@ -149,33 +149,44 @@ def at_peer_bits(budget: str, runs: dict[str, list[dict]]) -> tuple[str, float |
 
 def findings(budget: str, runs: dict[str, list[dict]], peers: dict[str, list[dict]]) -> list[str]:
     """The best variant at no more bits/weight than the peer's grid, against today's recipe and the
-    peer (a win only when lower in every seed, and with two seeds or more); for 2:4 + W4, the gap to
+    peer: seed by seed on the seeds both ran, and a win only with two seeds or more, ranges that do not
+    overlap and a difference of the means larger than either range; for 2:4 + W4, the gap to
     dense that SLiM+ and its rotated form close over the SLiM table's base."""
     if not runs:
         return []
     same, limit, keys = at_peer_bits(budget, runs)
     ppl = {k: [r["ppl"] for r in runs[k]] for k in keys}
+    by_seed = {k: {r["seed"]: r["ppl"] for r in runs[k]} for k in keys}
     label = {k: v[0] for k, v in variants(budget).items()}
     best = min(ppl, key=lambda k: statistics.mean(ppl[k]))
     out = [f"Best here{f' at no more than {limit:.3f} bits/weight' if limit else ''}: {label[best]}, mean "
            f"perplexity {statistics.mean(ppl[best]):.2f} over {len(ppl[best])} seed(s)."]
-    compare = [(label[same].split(" (")[0] + " as built in today", ppl.get(same))] if best != same else []
+    compare = [(label[same].split(" (")[0] + " as built in today", by_seed.get(same))] if best != same else []
     for config, reports in peers.items():
         compare.append((f"llm-compressor's {peer_configs(budget)[config].split(' (')[0].split(' with')[0]}"
                         f"{' + imatrix_mse' if config.endswith('-imatrix') else ''}",
-                        [p["eval"]["ppl"] for p in reports]))
-    for name, other in compare:
-        if not other:
+                        {p["seed"]: p["eval"]["ppl"] for p in reports}))
+    for name, other_by_seed in compare:
+        if not other_by_seed:
             continue
+        other = list(other_by_seed.values())
+        common = sorted(set(by_seed[best]) & set(other_by_seed))
+        pairwise = bool(common) and all(by_seed[best][s] < other_by_seed[s] for s in common)
         sep = max(ppl[best]) < min(other)
-        one = min(len(ppl[best]), len(other)) < 2
         margin = statistics.mean(other) - statistics.mean(ppl[best])
         spread_ = max(max(ppl[best]) - min(ppl[best]), max(other) - min(other))
-        within = sep and margin <= spread_
+        if min(len(ppl[best]), len(other)) < 2:
+            verdict = "fewer than two seeds: not yet a finding"
+        elif sep and margin > spread_:
+            verdict = f"lower by {margin:.2f}, more than the seed range ({spread_:.2f}): a win"
+        elif margin > 0:
+            verdict = f"lower by {margin:.2f}, less than the seed range ({spread_:.2f}) or the ranges overlap: a tie"
+        else:
+            verdict = f"higher by {-margin:.2f}" + (": a loss" if max(other) < min(ppl[best]) else ", the ranges overlap")
+        seeds = ",".join(map(str, common))
         out.append(f"Against {name} ({statistics.mean(other):.2f} over {len(other)} seed(s)): "
-                   f"{'lower in every seed' if sep else 'NOT lower in every seed'}"
-                   f"{f', but by {margin:.2f}, less than the seed range ({spread_:.2f}): a tie' if within else ''}"
-                   f"{' (fewer than two seeds: not yet a finding)' if one else ''}.")
+                   f"{'lower' if pairwise else 'NOT lower'} on {'each common seed' if len(common) > 1 else 'the common seed'} "
+                   f"({seeds or 'none'}); {verdict}.")
     lines = [" ".join(out), ""]
     if budget in SPARSE and "sgpt-g128s" in runs:
         dense = runs["sgpt-g128s"][0]["dense_ppl"]
