@@ -45,10 +45,16 @@ VARIANTS = {
     "gptq-ao-ws": ("GPTQ + act-order + weighted search (no rotation: llm-compressor's imatrix_mse GPTQ, in slimkit)",
                    lambda b, g: [{"method": "gptq", "bits": b, "group_size": g, "actorder": True,
                                   "weighted_search": True}]),
+    "gptq-ao-ws3": ("GPTQ + act-order + weighted search scored by |e|^3 (llm-compressor's imatrix_mse exponent)",
+                    lambda b, g: [{"method": "gptq", "bits": b, "group_size": g, "actorder": True,
+                                   "weighted_search": True, "search_norm": 3}]),
     "rot-gptq": ("rotate + GPTQ", lambda b, g: [ROT, {"method": "gptq", "bits": b, "group_size": g}]),
     "rot-gptq-ao-ws": ("rotate + GPTQ + act-order + weighted search",
                        lambda b, g: [ROT, {"method": "gptq", "bits": b, "group_size": g, "actorder": True,
                                            "weighted_search": True}]),
+    "rot-gptq-ao-ws3": ("rotate + GPTQ + act-order + weighted search scored by |e|^3",
+                        lambda b, g: [ROT, {"method": "gptq", "bits": b, "group_size": g, "actorder": True,
+                                            "weighted_search": True, "search_norm": 3}]),
 }
 
 # 2:4 + W4: key -> (label, stages given bits and group, or the built-in recipe it is)

@@ -3,7 +3,8 @@ import torch
 
 from slimkit.errors import RecipeError
 from slimkit.ops.masks import is_nm, mask_from_scores, parse_sparsity
-from slimkit.ops.quant import QuantSpec, fake_quantize_matrix, fit, group_slices, quantize_matrix
+from slimkit.ops.quant import (QuantSpec, fake_quantize, fake_quantize_matrix, fit, group_slices, minmax_params,
+                               quantize_matrix)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -121,3 +122,48 @@ def test_rtn_weighted_search_asks_for_calibration_statistics():
 
     assert build_stage({"method": "rtn", "bits": 4}).needs == frozenset()
     assert build_stage({"method": "rtn", "bits": 4, "weighted_search": True}).needs == {"act_norm"}
+
+
+def _group_errors(W, spec, imp, norm):
+    """(out, G) sum of d_j |e_j|^norm of every (row, group) under ``spec``'s fit."""
+    s, z = fit(W, spec, imp)
+    e = (fake_quantize_matrix(W, s, z, spec) - W).abs() ** norm * imp[None, :]
+    return torch.stack([e[:, sl].sum(1) for sl in group_slices(W.shape[1], spec.group_size)], 1)
+
+
+@pytest.mark.parametrize("grid,maxshrink,norm", [(20, 1.0, 3.0), (50, 0.5, 4.0), (100, 0.8, 1.5)])
+def test_search_options_choose_the_best_of_their_candidates(grid, maxshrink, norm):
+    """search_grid / search_maxshrink / search_norm: every (row, group) gets the shrink 1 - i/grid
+    (i < maxshrink * grid) of lowest sum d_j |e_j|^norm, found by brute force here."""
+    g = torch.Generator().manual_seed(grid)
+    W = torch.randn(16, 64, generator=g) * torch.exp(torch.randn(64, generator=g))[None, :]
+    imp = torch.exp(2 * torch.randn(64, generator=g))
+    spec = QuantSpec(2, 32, weighted_search=True, search_grid=grid, search_maxshrink=maxshrink, search_norm=norm)
+    found = _group_errors(W, spec, imp, norm)
+    best = torch.full_like(found, float("inf"))
+    for i in range(int(maxshrink * grid)):
+        for gi, sl in enumerate(group_slices(64, 32)):
+            s, z = minmax_params(W[:, sl] * (1 - i / grid), 2, False)
+            e = ((fake_quantize(W[:, sl], s[:, None], z[:, None], 2) - W[:, sl]).abs() ** norm * imp[sl]).sum(1)
+            best[:, gi] = torch.minimum(best[:, gi], e)
+    torch.testing.assert_close(found, best, rtol=1e-5, atol=0)
+    # the exponent matters: the fit under another norm scores worse under this one
+    other = _group_errors(W, QuantSpec(2, 32, weighted_search=True, search_grid=grid, search_maxshrink=maxshrink,
+                                       search_norm=2.0 if norm != 2.0 else 3.0), imp, norm)
+    assert (found <= other * (1 + 1e-6)).all() and found.sum() < other.sum()
+
+
+def test_search_options_are_checked_on_construction():
+    from slimkit.methods import build_stage
+
+    assert QuantSpec(4, 32, weighted_search=True).norm == 2.0 and QuantSpec(4, 32, clip_search=True).norm == 2.4
+    with pytest.raises(RecipeError, match="turn on weighted_search or clip_search"):
+        QuantSpec(4, 32, search_norm=3.0)
+    for bad in ({"search_grid": 0}, {"search_grid": 2.5}, {"search_maxshrink": 0}, {"search_maxshrink": 1.5},
+                {"search_norm": -1}, {"search_norm": True}):
+        with pytest.raises(RecipeError, match=next(iter(bad))):
+            QuantSpec(4, 32, weighted_search=True, **bad)
+        with pytest.raises(RecipeError, match=next(iter(bad))):
+            build_stage({"method": "gptq", "bits": 4, "weighted_search": True} | bad)
+    st = build_stage({"method": "sparsegpt", "sparsity": "2:4", "bits": 4, "weighted_search": True, "search_norm": 3})
+    assert st.quant_spec().norm == 3.0 and build_stage({"method": "sparsegpt", "sparsity": "2:4"}).quant_spec() is None

@@ -328,7 +328,11 @@ class QuantFields:
     symmetric: bool = False
     clip_search: bool = False
     weighted_search: bool = False  # range per (row, group) minimising the act-weighted squared error
+    search_grid: int = 100  # the range search's candidates: shrinks 1 - i / search_grid ...
+    search_maxshrink: float = 0.8  # ... for i < search_maxshrink * search_grid
+    search_norm: float | None = None  # its error exponent (None: 2 weighted, 2.4 clip)
 
     def quant_spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.symmetric, self.clip_search,
-                         weighted_search=self.weighted_search)
+                         weighted_search=self.weighted_search, search_grid=self.search_grid,
+                         search_maxshrink=self.search_maxshrink, search_norm=self.search_norm)

@@ -7,7 +7,7 @@ from ..errors import RecipeError
 from ..ops.masks import mask_from_scores, parse_sparsity
 from ..ops.obs import obs_sweep
 from ..ops.quant import QuantSpec
-from .base import ACT_NORM, HESSIAN, LinearState, LinearStats, Stage, register
+from .base import ACT_NORM, HESSIAN, LinearState, LinearStats, QuantFields, Stage, register
 from .gptq import SweepFields
 
 
@@ -66,18 +66,14 @@ class Wanda(ScorePruner):
 
 @register
 @dataclass
-class SparseGPT(SweepFields, PruneFields, Stage):
+class SparseGPT(SweepFields, PruneFields, QuantFields, Stage):
     """SparseGPT; with ``bits`` set it quantizes jointly in the same sweep (SparseGPT + OPTQ)."""
 
     name = "sparsegpt"
     examples = ({"sparsity": "2:4"}, {"sparsity": 0.5, "bits": 4, "group_size": 32})
     needs = frozenset({HESSIAN})
     prunes = True
-    bits: int | None = None
-    group_size: int | None = 128
-    symmetric: bool = False
-    clip_search: bool = False
-    weighted_search: bool = False
+    bits: int | None = None  # QuantFields' grid, joint with the pruning; None: prune only
 
     def __post_init__(self):
         self.pattern()
@@ -99,8 +95,7 @@ class SparseGPT(SweepFields, PruneFields, Stage):
     def quant_spec(self) -> QuantSpec | None:
         if self.bits is None:
             return None
-        return QuantSpec(self.bits, self.group_size, self.symmetric, self.clip_search,
-                         weighted_search=self.weighted_search)
+        return QuantFields.quant_spec(self)
 
     def apply(self, state: LinearState, stats: LinearStats) -> LinearState:
         if state.mask is not None:

@@ -31,6 +31,11 @@ class QuantSpec:
     # search the shrink that minimises the importance-weighted squared error sum_j d_j (Q(w_j) - w_j)^2,
     # d the input's second moment (the Hessian diagonal; llm-compressor's imatrix_mse observer)
     weighted_search: bool = False
+    # the range search's candidates: shrinks 1 - i / search_grid of the range for i < search_maxshrink *
+    # search_grid, scored by |error|^search_norm (None: 2.4 for clip_search as GPTQ's, 2 for weighted_search)
+    search_grid: int = 100
+    search_maxshrink: float = 0.8
+    search_norm: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
@@ -41,6 +46,18 @@ class QuantSpec:
             raise RecipeError(f"group_size must be a positive integer or null (per-channel), got {self.group_size!r}")
         if self.weighted_search and self.clip_search:
             raise RecipeError("clip_search and weighted_search are two range searches: choose one")
+        check_search(self.search_grid, self.search_maxshrink, self.search_norm)
+        if not (self.clip_search or self.weighted_search) and (
+                (self.search_grid, self.search_maxshrink, self.search_norm) != (100, 0.8, None)):
+            raise RecipeError("search_grid, search_maxshrink and search_norm set a range search: "
+                              "turn on weighted_search or clip_search")
+
+    @property
+    def norm(self) -> float:
+        """The exponent of the range search's error."""
+        if self.search_norm is not None:
+            return float(self.search_norm)
+        return 2.0 if self.weighted_search else 2.4
 
     @property
     def maxq(self) -> int:
@@ -56,6 +73,15 @@ class QuantSpec:
     def describe(self) -> str:
         g = "per-tensor" if self.per_tensor else f"g{self.group_size}" if self.group_size else "per-channel"
         return f"W{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
+
+
+def check_search(grid, maxshrink, norm) -> None:
+    if not isinstance(grid, int) or isinstance(grid, bool) or not 1 <= grid <= 10_000:
+        raise RecipeError(f"search_grid must be an integer from 1 to 10000, got {grid!r}")
+    if isinstance(maxshrink, bool) or not isinstance(maxshrink, (int, float)) or not 0 < maxshrink <= 1:
+        raise RecipeError(f"search_maxshrink must be a number in (0, 1], got {maxshrink!r}")
+    if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or not 0 < norm <= 8):
+        raise RecipeError(f"search_norm must be a number in (0, 8] or null, got {norm!r}")
 
 
 def minmax_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,9 +143,10 @@ def fit_group(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None 
     if spec.weighted_search:
         if importance is None:
             raise RecipeError("weighted_search needs the input's second moments (calibration statistics)")
-        return search_params(w, spec.bits, spec.symmetric, norm=2.0, importance=importance)
+        return search_params(w, spec.bits, spec.symmetric, spec.search_grid, spec.search_maxshrink, spec.norm,
+                             importance=importance)
     if spec.clip_search:
-        return search_params(w, spec.bits, spec.symmetric)
+        return search_params(w, spec.bits, spec.symmetric, spec.search_grid, spec.search_maxshrink, spec.norm)
     return minmax_params(w, spec.bits, spec.symmetric)
 
 
