@@ -176,7 +176,8 @@ class Checkpoint:
     # ---- committing -----------------------------------------------------------------------
     def commit(self, index: int, block: torch.nn.Module | None, next_inputs: torch.Tensor, *, layers: list[dict],
                block_report: dict, timings: dict, payload: dict[str, torch.Tensor] | None = None,
-               payload_meta: dict | None = None) -> None:
+               payload_meta: dict | None = None, dense_inputs: torch.Tensor | None = None) -> None:
+        """``dense_inputs``: the dense model's inputs of block ``index + 1`` (dense-target calibration)."""
         assert index == self.done, (index, self.done)
         # a block written elsewhere already (a streamed model's output shard) is not copied here
         tensors = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()} if block is not None else {}
@@ -186,6 +187,8 @@ class Checkpoint:
         state = {"inputs": next_inputs.detach().cpu().contiguous(), "rng": torch.get_rng_state()}
         if next_inputs.device.type == "cuda":  # the compute device's generator too
             state["cuda_rng"] = torch.cuda.get_rng_state(next_inputs.device)
+        if dense_inputs is not None:
+            state["dense_inputs"] = dense_inputs.detach().cpu().contiguous()
         save_file(state, str(self.dir / f"inputs_{index}.safetensors"))
         self.progress["done"] = index + 1
         self.progress["layers"].extend(layers)
@@ -227,6 +230,13 @@ class Checkpoint:
         if "cuda_rng" in tensors and device is not None and device.type == "cuda":
             torch.cuda.set_rng_state(tensors["cuda_rng"], device)
         return tensors["inputs"]
+
+    def restore_dense_inputs(self) -> torch.Tensor:
+        """The dense model's inputs of the first unfinished block (dense-target calibration)."""
+        tensors = self._load(self.dir / f"inputs_{self.done - 1}.safetensors")
+        if "dense_inputs" not in tensors:
+            self._refuse(f"checkpoint file inputs_{self.done - 1}.safetensors lacks the dense model's inputs")
+        return tensors["dense_inputs"]
 
     def _load(self, path: Path) -> dict[str, torch.Tensor]:
         try:

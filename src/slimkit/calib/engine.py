@@ -6,6 +6,11 @@ of the calibration data with hooks collects every statistic the recipe needs
 and write back, and one more forward with the compressed weights produces the
 next block's inputs (so later blocks see the errors of earlier ones). Only one
 block's working set and the calibration activations are in memory at a time.
+
+A stage that asks for DENSE_CROSS (GPTQ's ``dense_target``) adds a second activation stream, the
+dense model's own: the statistics forward then runs each batch through the block twice, on the
+dense model's inputs and on the compressed model's, and pairs every Linear's two inputs token
+by token (``run_block_paired``); the dense stream's outputs are the dense model's next inputs.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .. import dist
 from ..errors import NumericalError, SlimkitError
-from ..methods.base import (HESSIAN, INPUT_SAMPLE, SAMPLE_ROWS, BlockContext, LayerPosition, LinearState, Stage,
+from ..methods.base import (DENSE_CROSS, HESSIAN, INPUT_SAMPLE, SAMPLE_ROWS, BlockContext, LayerPosition, LinearState, Stage,
                             model_gqa)
 from ..methods.rtn import RTN
 from ..models.experts import UnfusedExperts, is_fused_experts
@@ -30,7 +35,7 @@ from ..models.layout import ModelLayout, ResidentBlocks
 from ..recipe import Recipe
 from .checkpoint import Checkpoint
 from .device import Placement, bound_host_heap, free_device_memory, release_host_memory, to_device
-from .hooks import ErrorProbe, StatsCollector, capture_inputs, run_block
+from .hooks import ErrorProbe, StatsCollector, capture_inputs, run_block, run_block_paired
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +204,13 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
     check_recipe_fits(source, recipe)
     refiners = [st for st in recipe.layer_stages if type(st).refine_block is not Stage.refine_block]
     n_sequences = int(calib_ids.shape[0])
+    paired = DENSE_CROSS in needs  # a second activation stream: the dense model's own
+    if paired:
+        if dist.active():
+            raise SlimkitError("dense_target calibration cannot run split across workers yet; run one process")
+        if any(is_fused_experts(m) for j in range(len(source)) for m in source.peek(j).modules()):
+            raise SlimkitError("dense_target calibration cannot pair the inputs of mixture-of-experts layers "
+                               "(the dense and the compressed model route tokens differently)")
     if dist.active():  # torchrun: this worker's share of the calibration windows
         if refiners:
             raise SlimkitError(f"stage {refiners[0].name!r} refines whole blocks on the calibration data and "
@@ -224,6 +236,10 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
     inputs = activation_buffer(activations, "a", place_activations(inputs, placement, activations))
     dense_out = activation_buffer(activations, "b", inputs, copy=False)
     next_in = activation_buffer(activations, "c", inputs, copy=False)
+    if paired:  # the dense model's inputs of the block, and of the next one
+        dense_in = activation_buffer(activations, "d", inputs, copy=False)
+        dense_in.copy_(inputs)  # a buffer of its own (in RAM activation_buffer's copy would be inputs itself)
+        dense_next = activation_buffer(activations, "e", inputs, copy=False)
 
     layers: list[LayerReport] = []
     block_reports: list[BlockReport] = []
@@ -241,6 +257,13 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
                                  f"calibration data {tuple(inputs.shape)}")
         inputs.copy_(restored)
         del restored
+        if paired:
+            restored = checkpoint.restore_dense_inputs()
+            if restored.shape != inputs.shape:
+                raise NumericalError(f"the checkpoint's dense activations {tuple(restored.shape)} do not match the "
+                                     f"calibration data {tuple(inputs.shape)}")
+            dense_in.copy_(restored)
+            del restored
         prog = checkpoint.progress
         layers = [LayerReport(**(d | {"shape": tuple(d["shape"])})) for d in prog["layers"]]
         block_reports = [BlockReport(**d) for d in prog["blocks"]]
@@ -271,8 +294,15 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         t = time.perf_counter()
         collector = StatsCollector(linears, want_hessian=HESSIAN in needs,
                                    sample_rows=SAMPLE_ROWS if INPUT_SAMPLE in needs else 0,
-                                   optional=experts.linears, min_tokens=MIN_EXPERT_TOKENS)
-        if data_free:
+                                   optional=experts.linears, min_tokens=MIN_EXPERT_TOKENS, want_cross=paired)
+        if paired:
+            if experts.linears:
+                raise SlimkitError(f"block {i}: dense_target calibration cannot pair the inputs of "
+                                   "mixture-of-experts layers (the two models route tokens differently)")
+            run_block_paired(block, inputs, dense_in, kwargs_list, batch_size, dense_out, dense_next, collector,
+                             device=dev, dtype=cdt)
+            stats = collector.finalize()
+        elif data_free:
             run_block(block, inputs, kwargs_list, batch_size, out=dense_out, device=dev, dtype=cdt)
             stats = {}
         else:
@@ -359,11 +389,13 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
             checkpoint.commit(i, block if source.resident else None, next_in, layers=[asdict(l) for l in block_layers],
                               block_report=asdict(block_reports[-1]),
                               timings=dict(timings) | {"total": prior_total + time.perf_counter() - t_start},
-                              payload=payload, payload_meta=meta)
+                              payload=payload, payload_meta=meta, dense_inputs=dense_next if paired else None)
             timings["checkpoint"] += time.perf_counter() - t
             if fault is not None and int(fault) == i:
                 os.kill(os.getpid(), signal.SIGKILL)
         inputs, next_in = next_in, inputs
+        if paired:
+            dense_in, dense_next = dense_next, dense_in
         del block, linears
         release_host_memory()  # the block's working set is freed: give it back before the next one
     timings["total"] = prior_total + time.perf_counter() - t_start

@@ -132,8 +132,10 @@ class StatsCollector:
     """
 
     def __init__(self, linears: dict[str, nn.Linear], want_hessian: bool, sample_rows: int = 0,
-                 optional: set[int] = frozenset(), min_tokens: int = 0):
+                 optional: set[int] = frozenset(), min_tokens: int = 0, want_cross: bool = False):
         self.linears = linears
+        self.want_cross = want_cross  # pair each input with the dense model's (``dense``, set per batch)
+        self.dense: dict[str, torch.Tensor] = {}
         self.optional = optional  # ids of Linears that may see few or no tokens (experts)
         self.min_tokens = min_tokens
         self.starved: dict[str, int] = {}  # optional Linears below min_tokens -> tokens seen
@@ -152,14 +154,15 @@ class StatsCollector:
             if name not in self.stats:
                 entry = self._seen.get(id(x))
                 if entry is None or entry[0] is not x:
-                    entry = (x, LinearStats(module.in_features, self.want_hessian, self.sample_rows))
+                    entry = (x, LinearStats(module.in_features, self.want_hessian, self.sample_rows,
+                                            want_cross=self.want_cross))
                     self._seen[id(x)] = entry
                     self.leader[name] = True
                 else:
                     self.leader[name] = False
                 self.stats[name] = entry[1]
             if self.leader[name]:
-                self.stats[name].add(x.detach())
+                self.stats[name].add(x.detach(), dense=self.dense.get(name) if self.want_cross else None)
         return fn
 
     def attach(self):
@@ -183,6 +186,42 @@ class StatsCollector:
         for n, s in self.stats.items():
             s.finalize(n)
         return self.stats
+
+
+class InputRecorder:
+    """Keeps the input each Linear saw in the last forward (by name)."""
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        self.linears = linears
+        self.inputs: dict[str, torch.Tensor] = {}
+
+    def _hook(self, name: str):
+        def fn(module, args, output):
+            self.inputs[name] = args[0].detach()
+        return fn
+
+    def attach(self):
+        return hooks([m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()])
+
+
+def run_block_paired(block: nn.Module, inputs: torch.Tensor, dense_inputs: torch.Tensor, kwargs_list: list[dict],
+                     batch_size: int, out: torch.Tensor, dense_out: torch.Tensor, collector: StatsCollector,
+                     device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+    """The statistics forward of dense-target calibration, batch by batch: the block first runs on
+    the dense model's inputs (``dense_out`` gets the dense model's next inputs, and every Linear's
+    input is recorded), then on the compressed model's inputs with the ``collector`` attached,
+    which pairs each Linear's input with the dense one of the same tokens."""
+    recorder = InputRecorder(collector.linears)
+    for b in range(len(kwargs_list)):
+        sl = slice(b * batch_size, (b + 1) * batch_size)
+        with recorder.attach():
+            run_block(block, dense_inputs[sl], kwargs_list[b:b + 1], batch_size, out=dense_out[sl],
+                      device=device, dtype=dtype)
+        collector.dense = recorder.inputs
+        with collector.attach():
+            run_block(block, inputs[sl], kwargs_list[b:b + 1], batch_size, out=out[sl],
+                      on_batch=lambda _, b=b: collector.new_batch(b), device=device, dtype=dtype)
+        collector.dense = recorder.inputs = {}
 
 
 class ErrorProbe:

@@ -25,6 +25,8 @@ from ..ops.quant import QuantSpec
 ACT_NORM = "act_norm"
 HESSIAN = "hessian"
 INPUT_SAMPLE = "input_sample"  # the first SAMPLE_ROWS input rows (tokens), e.g. to score output KL
+# (2 / tokens) sum (x - x~)^T x~: x the dense model's input of the Linear, x~ the compressed model's (GPTAQ)
+DENSE_CROSS = "dense_cross"
 SAMPLE_ROWS = 4096
 
 
@@ -34,10 +36,16 @@ class LinearStats:
     act_norm: a_j = sum over tokens of x_j^2, divided by the number of sequences (Wanda).
     hessian:  H = (2 / tokens) sum x^T x, only when some stage asked for it.
     sample:   the first ``sample_rows`` input rows (tokens, in), only when asked.
+    dense_cross: D = (2 / tokens) sum (x - x~)^T x~, where x~ is the input this Linear sees in the
+              compressed model and x the dense model's input for the same token (``add(x~, dense=x)``),
+              only when asked: with H it gives the weight whose outputs on x~ best match the
+              dense model's outputs on x, W + W D H^-1 (GPTAQ's asymmetric calibration).
     """
 
-    def __init__(self, in_features: int, want_hessian: bool, sample_rows: int = 0):
+    def __init__(self, in_features: int, want_hessian: bool, sample_rows: int = 0, want_cross: bool = False):
         self.in_features = in_features
+        self.want_cross = want_cross
+        self._C: torch.Tensor | None = None
         self.nsamples = 0
         self.ntokens = 0
         self.want_hessian = want_hessian
@@ -48,17 +56,24 @@ class LinearStats:
         self._inverse: dict[tuple, InverseHessian] = {}
         self.final = False
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, dense: torch.Tensor | None = None) -> None:
+        if self.want_cross and (dense is None or dense.shape != x.shape):
+            raise NumericalError(f"the dense model's input {None if dense is None else tuple(dense.shape)} does not "
+                                 f"pair token by token with the compressed model's {tuple(x.shape)}")
         self.nsamples += x.shape[0] if x.dim() > 2 else 1
         x = x.reshape(-1, self.in_features).to(torch.float32)  # (tokens, in)
         if self._act_sq is None:
             self._act_sq = torch.zeros(self.in_features, dtype=torch.float64, device=x.device)
             if self.want_hessian:
                 self._H = torch.zeros(self.in_features, self.in_features, device=x.device)
+            if self.want_cross:
+                self._C = torch.zeros(self.in_features, self.in_features, device=x.device)
         self.ntokens += x.shape[0]
         self._act_sq += x.square().sum(0, dtype=torch.float64)
         if self._H is not None:
             self._H.addmm_(x.T, x)
+        if self._C is not None:
+            self._C.addmm_(dense.reshape(-1, self.in_features).to(x.device, torch.float32).sub(x).T, x)
         have = sum(t.shape[0] for t in self._sample)
         if have < self.sample_rows:
             self._sample.append(x[: self.sample_rows - have].clone())
@@ -73,6 +88,8 @@ class LinearStats:
         dist.all_reduce_sum(self._act_sq)
         if self._H is not None:
             dist.all_reduce_sum(self._H)
+        if self._C is not None:
+            dist.all_reduce_sum(self._C)
         if self.sample_rows:
             local = torch.cat(self._sample) if self._sample else \
                 torch.zeros(0, self.in_features, device=self._act_sq.device if self._act_sq is not None else None)
@@ -88,6 +105,10 @@ class LinearStats:
         self._act_sq /= self.nsamples
         if self._H is not None:
             self._H *= 2 / self.ntokens
+        if self._C is not None:
+            if not torch.isfinite(self._C).all():
+                raise NumericalError(f"the dense model's activations entering {name or 'a layer'} contain NaN/Inf")
+            self._C *= 2 / self.ntokens
         self.final = True
 
     @property
@@ -105,6 +126,12 @@ class LinearStats:
         if self._H is None:
             raise RuntimeError("this stage needs the Hessian but the engine did not collect it")
         return self._H
+
+    @property
+    def dense_cross(self) -> torch.Tensor:  # (in, in)
+        if self._C is None:
+            raise RuntimeError("this stage needs the dense model's inputs but the engine did not collect them")
+        return self._C
 
     def inverse(self, percdamp: float, actorder: bool, name: str = "") -> InverseHessian:
         key = (percdamp, actorder)

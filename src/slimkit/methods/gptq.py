@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import RecipeError
-from ..ops.obs import obs_sweep
-from .base import HESSIAN, LinearState, LinearStats, QuantFields, Stage, register
+from ..ops.obs import dense_target, obs_sweep
+from .base import DENSE_CROSS, HESSIAN, LinearState, LinearStats, QuantFields, Stage, register
 
 
 @dataclass
@@ -24,21 +24,31 @@ class SweepFields:
 @dataclass
 class GPTQ(SweepFields, QuantFields, Stage):
     name = "gptq"
-    needs = frozenset({HESSIAN})
     quantizes = True
     requantizes = True
     examples = ({"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 48, "actorder": True},
                 {"bits": 3, "group_size": 16, "weighted_search": True, "actorder": True})
     actorder: bool = False
+    # GPTAQ: aim at the dense model's outputs on its own inputs, not at this Linear's original weight
+    # on the compressed model's inputs (W <- W + W D H^-1 before the sweep; D: LinearStats.dense_cross)
+    dense_target: bool = False
 
     def __post_init__(self):
         self.quant_spec()
         self.check_sweep()
+        if not isinstance(self.dense_target, bool):
+            raise RecipeError(f"dense_target must be true or false, got {self.dense_target!r}")
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({HESSIAN, DENSE_CROSS}) if self.dense_target else frozenset({HESSIAN})
 
     def apply(self, state: LinearState, stats: LinearStats) -> LinearState:
         spec = self.quant_spec()
         inv = stats.inverse(self.percdamp, self.actorder, state.name)
         importance = stats.act_norm if spec.weighted_search else None  # proportional to diag(H)
+        if self.dense_target:  # a mask from an earlier stage still holds: the sweep keeps its zeros
+            state.weight = dense_target(state.weight, stats.dense_cross, inv)
 
         def requantize(target, mask):
             res = obs_sweep(target, inv, quant=spec, mask=mask, blocksize=self.blocksize, importance=importance)

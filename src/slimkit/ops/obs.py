@@ -71,6 +71,24 @@ def inverse_hessian(H: torch.Tensor, percdamp: float = 0.01, actorder: bool = Fa
     raise NumericalError(f"Cholesky of the Hessian of {name or 'a layer'} failed even with damping {damp:g}")
 
 
+def dense_target(W: torch.Tensor, cross: torch.Tensor, inv: InverseHessian) -> torch.Tensor:
+    """The weight whose outputs on the compressed model's inputs x~ best match the dense model's
+    outputs W x on its own inputs x (least squares, damped as the sweep's H): W + W D H^-1, with
+    D = (2/n) sum (x - x~)^T x~ and H = (2/n) sum x~^T x~ (GPTAQ's asymmetric calibration). Since
+    the residual of this least-squares fit is orthogonal to every x~, a sweep that minimises
+    tr((W' - Q) H (W' - Q)^T) from W' minimises the error against the dense outputs too."""
+    W = W.to(torch.float32)
+    G = W @ cross.to(W.device, torch.float32)  # (out, in)
+    U = inv.Hinv.to(W.device)  # (H + damp)^-1 = U^T U in sweep order
+    if inv.perm is None:
+        delta = (G @ U.T) @ U
+    else:
+        delta = torch.empty_like(G)
+        delta[:, inv.perm] = (G[:, inv.perm] @ U.T) @ U
+    delta[:, inv.dead.to(W.device)] = 0
+    return W + delta
+
+
 def _upper_inverse_factor(H: torch.Tensor) -> torch.Tensor | None:
     """Upper Cholesky factor of H^-1 (H damped, symmetric positive definite), or None when a
     factorisation fails or leaves non-finite values."""

@@ -1,0 +1,148 @@
+"""Dense-target calibration (GPTAQ's asymmetric objective): GPTQ aims at the dense model's outputs
+on the dense model's own inputs, through W + W D H^-1 (D the paired cross statistic)."""
+import pytest
+import torch
+
+from helpers import correlated_inputs, make_tokenizer, tiny_config
+from slimkit.calib import compress_model
+from slimkit.data import calibration_ids
+from slimkit.errors import NumericalError
+from slimkit.methods.base import DENSE_CROSS, HESSIAN, LinearStats, build_stage
+from slimkit.models import layout_for, load_model
+from slimkit.ops.obs import dense_target, inverse_hessian
+from slimkit.recipe import Recipe
+
+
+def test_the_cross_statistic_pairs_the_two_streams_token_by_token():
+    xt = correlated_inputs(96, 16, seed=1)  # the compressed model's inputs
+    x = xt + 0.1 * correlated_inputs(96, 16, seed=2)  # the dense model's, for the same tokens
+    st = LinearStats(16, want_hessian=True, want_cross=True)
+    for s in range(0, 96, 32):  # batches of (2, 16, 16): the shape a Linear sees
+        st.add(xt[s:s + 32].reshape(2, 16, 16), dense=x[s:s + 32].reshape(2, 16, 16))
+    st.finalize("t")
+    torch.testing.assert_close(st.dense_cross, 2 / 96 * (x - xt).T @ xt, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(st.hessian, 2 / 96 * xt.T @ xt, rtol=1e-4, atol=1e-5)
+    with pytest.raises(NumericalError, match="token by token"):
+        LinearStats(16, True, want_cross=True).add(xt[:8], dense=x[:7])
+    with pytest.raises(NumericalError, match="token by token"):
+        LinearStats(16, True, want_cross=True).add(xt[:8])
+    with pytest.raises(RuntimeError, match="dense model's inputs"):
+        LinearStats(16, True).dense_cross
+
+
+@pytest.mark.parametrize("actorder", [False, True])
+def test_dense_target_is_the_least_squares_weight(actorder):
+    """Without damping, W + W D H^-1 is the weight whose outputs on x~ best match W x (lstsq)."""
+    xt = correlated_inputs(400, 24, seed=3)
+    x = xt + 0.2 * correlated_inputs(400, 24, seed=4)
+    x[:, 5] = xt[:, 5] = 0  # a dead input: its column stays as it was
+    W = torch.randn(10, 24, generator=torch.Generator().manual_seed(5))
+    st = LinearStats(24, want_hessian=True, want_cross=True)
+    st.add(xt, dense=x)
+    st.finalize()
+    got = dense_target(W, st.dense_cross, inverse_hessian(st.hessian, 0.0, actorder))
+    live = torch.arange(24) != 5
+    want = torch.linalg.lstsq(xt[:, live].double(), (x @ W.T).double()).solution.T.float()
+    torch.testing.assert_close(got[:, live], want, rtol=1e-3, atol=1e-3)
+    assert torch.equal(got[:, 5], W[:, 5])
+    # the same inputs on both sides: nothing to correct
+    same = LinearStats(24, want_hessian=True, want_cross=True)
+    same.add(xt, dense=xt)
+    same.finalize()
+    assert torch.equal(dense_target(W, same.dense_cross, inverse_hessian(same.hessian, 0.01, actorder)), W)
+
+
+def test_gptq_asks_for_the_cross_statistic_only_when_told():
+    assert build_stage({"method": "gptq"}).needs == {HESSIAN}
+    assert build_stage({"method": "gptq", "dense_target": True}).needs == {HESSIAN, DENSE_CROSS}
+    with pytest.raises(Exception, match="dense_target"):
+        build_stage({"method": "gptq", "dense_target": "yes"})
+
+
+@pytest.fixture(scope="module")
+def four_blocks(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("four") / "llama4"
+    cfg = tiny_config("llama")
+    cfg.num_hidden_layers = 4
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    make_tokenizer(path)
+    return path
+
+
+def _output_error(path, text_file, dense_target_on: bool, bits: int) -> float:
+    model, tok, _ = load_model(str(path))
+    ids = calibration_ids(str(text_file), tok, 16, 32, seed=0)
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    rec = Recipe.from_dict({"name": "t", "stages": [{"method": "gptq", "bits": bits, "group_size": 32,
+                                                     "dense_target": dense_target_on}]})
+    compress_model(model, layout_for(model), rec, ids, batch_size=4, progress=False)
+    with torch.no_grad():
+        got = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    return float((got - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_dense_target_tracks_the_dense_model_better(four_blocks, text_file, bits):
+    """The last hidden state of the compressed model is closer to the dense model's on the
+    calibration data when each Linear aims at the dense model's outputs."""
+    plain = _output_error(four_blocks, text_file, False, bits)
+    aimed = _output_error(four_blocks, text_file, True, bits)
+    assert aimed < 0.95 * plain, (aimed, plain)
+
+
+def test_a_killed_dense_target_run_resumes_to_the_same_files(four_blocks, text_file, tmp_path):
+    """The checkpoint carries the dense model's activations too: kill after block 1, resume, and
+    the files are those of an uninterrupted run."""
+    import yaml
+    from test_resume import assert_same_files, run
+
+    rec = tmp_path / "aimed.yaml"
+    rec.write_text(yaml.safe_dump({"name": "aimed", "stages": [{"method": "gptq", "bits": 3, "group_size": 32,
+                                                                "actorder": True, "dense_target": True}]}))
+    whole = run(four_blocks, rec, tmp_path / "whole", text_file)
+    assert whole.returncode == 0, whole.stderr
+    killed = run(four_blocks, rec, tmp_path / "out", text_file, env={"SLIMKIT_FAULT_KILL_AFTER_BLOCK": "1"})
+    assert killed.returncode != 0
+    resumed = run(four_blocks, rec, tmp_path / "out", text_file, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_files(tmp_path / "whole", tmp_path / "out")
+
+
+def test_mixture_of_experts_is_refused_before_any_work(tmp_path, text_file):
+    """The dense and the compressed model route tokens to different experts: the inputs of an
+    expert cannot be paired, and the run says so before it compresses anything."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import family_config
+    from slimkit.api import compress
+    from slimkit.errors import SlimkitError
+
+    path = tmp_path / "moe"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(family_config("qwen2_moe")).save_pretrained(path)
+    make_tokenizer(path)
+    rec = Recipe.from_dict({"name": "t", "stages": [{"method": "gptq", "bits": 4, "group_size": 32,
+                                                     "dense_target": True}]})
+    with pytest.raises(SlimkitError, match="mixture-of-experts"):
+        compress(str(path), rec, tmp_path / "out", calib=str(text_file), nsamples=4, seqlen=32, eval_data=None,
+                 progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]  # no output, no partial folder
+
+
+def test_low_memory_and_offloaded_activations_give_the_same_model(four_blocks, text_file, tmp_path):
+    """Both activation streams live in memory-mapped files with --offload-activations, and the
+    blocks stream from disk with --low-memory: the same weights as the in-memory run."""
+    from slimkit.api import compress
+    from test_low_memory import weights
+
+    rec = Recipe.from_dict({"name": "t", "stages": [{"method": "gptq", "bits": 3, "group_size": 32,
+                                                     "dense_target": True}]})
+    kw = dict(calib=str(text_file), nsamples=8, seqlen=32, eval_data=None, progress=False)
+    compress(str(four_blocks), rec, tmp_path / "eager", **kw)
+    compress(str(four_blocks), rec, tmp_path / "low", low_memory=True, offload_activations=True, **kw)
+    a, b = weights(tmp_path / "eager"), weights(tmp_path / "low")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
