@@ -3,14 +3,15 @@ on the dense model's own inputs, through W + W D H^-1 (D the paired cross statis
 import pytest
 import torch
 
-from helpers import correlated_inputs, make_tokenizer, tiny_config
+from helpers import correlated_inputs, make_tokenizer
 from slimkit.calib import compress_model
 from slimkit.data import calibration_ids
 from slimkit.errors import NumericalError
-from slimkit.methods.base import DENSE_CROSS, HESSIAN, LinearStats, build_stage
+from slimkit.methods.base import DENSE_CROSS, HESSIAN, LinearState, LinearStats, build_stage
 from slimkit.models import layout_for, load_model
 from slimkit.ops.obs import dense_target, inverse_hessian
 from slimkit.recipe import Recipe
+from test_resume import four_blocks  # noqa: F401  (fixture)
 
 
 def test_the_cross_statistic_pairs_the_two_streams_token_by_token():
@@ -59,39 +60,49 @@ def test_gptq_asks_for_the_cross_statistic_only_when_told():
         build_stage({"method": "gptq", "dense_target": "yes"})
 
 
-@pytest.fixture(scope="module")
-def four_blocks(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    path = tmp_path_factory.mktemp("four") / "llama4"
-    cfg = tiny_config("llama")
-    cfg.num_hidden_layers = 4
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    make_tokenizer(path)
-    return path
-
-
-def _output_error(path, text_file, dense_target_on: bool, bits: int) -> float:
+def _output_error(path, text_file, stage: dict) -> float:
     model, tok, _ = load_model(str(path))
     ids = calibration_ids(str(text_file), tok, 16, 32, seed=0)
     with torch.no_grad():
         ref = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-    rec = Recipe.from_dict({"name": "t", "stages": [{"method": "gptq", "bits": bits, "group_size": 32,
-                                                     "dense_target": dense_target_on}]})
-    compress_model(model, layout_for(model), rec, ids, batch_size=4, progress=False)
+    compress_model(model, layout_for(model), Recipe.from_dict({"name": "t", "stages": [stage]}), ids, batch_size=4,
+                   progress=False)
     with torch.no_grad():
         got = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
     return float((got - ref).norm() / ref.norm())
 
 
-@pytest.mark.parametrize("bits", [2, 3])
-def test_dense_target_tracks_the_dense_model_better(four_blocks, text_file, bits):
+@pytest.mark.parametrize("stage", [{"method": "gptq", "bits": 2, "group_size": 32},
+                                   {"method": "gptq", "bits": 3, "group_size": 32, "actorder": True},
+                                   {"method": "sparsegpt", "sparsity": "2:4", "bits": 4, "group_size": 32}])
+def test_dense_target_tracks_the_dense_model_better(four_blocks, text_file, stage):  # noqa: F811
     """The last hidden state of the compressed model is closer to the dense model's on the
     calibration data when each Linear aims at the dense model's outputs."""
-    plain = _output_error(four_blocks, text_file, False, bits)
-    aimed = _output_error(four_blocks, text_file, True, bits)
+    plain = _output_error(four_blocks, text_file, stage)
+    aimed = _output_error(four_blocks, text_file, stage | {"dense_target": True})
     assert aimed < 0.95 * plain, (aimed, plain)
+
+
+def test_low_rank_stages_fit_the_aimed_weight():
+    """After a dense-target sweep, adapters and re-fits approximate the aimed weight, not the
+    original: full-rank fp16 adapters without re-fit reproduce it exactly."""
+    xt = correlated_inputs(256, 32, seed=6)
+    x = xt + 0.3 * correlated_inputs(256, 32, seed=7)
+    W = torch.randn(24, 32, generator=torch.Generator().manual_seed(8))
+    st = LinearStats(32, want_hessian=True, want_cross=True)
+    st.add(xt, dense=x)
+    st.finalize()
+    aimed = dense_target(W, st.dense_cross, inverse_hessian(st.hessian, 0.01, False))
+    assert (aimed - W).norm() > 0.1 * W.norm()
+    for first in ({"method": "gptq", "bits": 2, "group_size": 16},
+                  {"method": "sparsegpt", "sparsity": "2:4", "bits": 2, "group_size": 16}):
+        state = LinearState.from_weight("l", W)
+        for d in (first | {"dense_target": True},
+                  {"method": "slim_lora", "rank": 24, "adapter_bits": None, "saliency": "hessian", "refit": False,
+                   "pad_to": 1}):
+            state = build_stage(d).run(state, st)
+        torch.testing.assert_close(state.aimed, aimed)
+        torch.testing.assert_close(state.effective_weight(), aimed, rtol=1e-3, atol=1e-3)
 
 
 def test_a_killed_dense_target_run_resumes_to_the_same_files(four_blocks, text_file, tmp_path):

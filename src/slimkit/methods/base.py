@@ -188,6 +188,9 @@ class LinearState:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # a method's extra tensors to persist
     notes: dict[str, Any] = field(default_factory=dict)
     position: LayerPosition | None = None
+    # (out, in) the weight the compression aims at when a stage re-aimed it (GPTQ / SparseGPT with
+    # dense_target: the dense model's outputs on this model's inputs), else None: the original
+    aimed: torch.Tensor | None = None
 
     @classmethod
     def from_weight(cls, name: str, W: torch.Tensor, position: LayerPosition | None = None) -> "LinearState":
@@ -195,6 +198,11 @@ class LinearState:
         if not torch.isfinite(W).all():
             raise NumericalError(f"the weight of {name} contains NaN/Inf")
         return cls(name=name, original=W, weight=W.clone(), position=position)
+
+    @property
+    def target(self) -> torch.Tensor:
+        """What the base weight and adapters approximate: ``aimed`` when set, else ``original``."""
+        return self.original if self.aimed is None else self.aimed
 
     @property
     def rank(self) -> int:

@@ -10,6 +10,8 @@ from .base import DENSE_CROSS, HESSIAN, LinearState, LinearStats, QuantFields, S
 
 @dataclass
 class SweepFields:
+    """Fields of the stages that run the OBS sweep (GPTQ, SparseGPT)."""
+
     percdamp: float = 0.01
     blocksize: int = 128
 
@@ -20,35 +22,51 @@ class SweepFields:
             raise RecipeError(f"blocksize must be a positive integer, got {self.blocksize!r}")
 
 
+@dataclass
+class AimFields:
+    """GPTAQ's asymmetric calibration for the sweeps that re-fit a whole weight (GPTQ, SparseGPT)."""
+
+    # aim at the dense model's outputs on its own inputs, not at this Linear's original weight on
+    # the compressed model's inputs (W <- W + W D H^-1 before the sweep; D: LinearStats.dense_cross)
+    dense_target: bool = False
+
+    def check_aim(self):
+        if not isinstance(self.dense_target, bool):
+            raise RecipeError(f"dense_target must be true or false, got {self.dense_target!r}")
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({HESSIAN, DENSE_CROSS}) if self.dense_target else frozenset({HESSIAN})
+
+    def aim(self, state: LinearState, stats: LinearStats, inv) -> None:
+        """With ``dense_target``, move the weight (and the target of later stages: low-rank fits
+        and re-fits) to the one whose outputs on this model's inputs best match the dense model's."""
+        if self.dense_target:
+            state.weight = state.aimed = dense_target(state.original, stats.dense_cross, inv)
+            if state.mask is not None:  # a mask from an earlier stage still holds
+                state.weight = state.weight * state.mask
+
+
 @register
 @dataclass
-class GPTQ(SweepFields, QuantFields, Stage):
+class GPTQ(SweepFields, AimFields, QuantFields, Stage):
     name = "gptq"
     quantizes = True
     requantizes = True
     examples = ({"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 48, "actorder": True},
                 {"bits": 3, "group_size": 16, "weighted_search": True, "actorder": True})
     actorder: bool = False
-    # GPTAQ: aim at the dense model's outputs on its own inputs, not at this Linear's original weight
-    # on the compressed model's inputs (W <- W + W D H^-1 before the sweep; D: LinearStats.dense_cross)
-    dense_target: bool = False
 
     def __post_init__(self):
         self.quant_spec()
         self.check_sweep()
-        if not isinstance(self.dense_target, bool):
-            raise RecipeError(f"dense_target must be true or false, got {self.dense_target!r}")
-
-    @property
-    def needs(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({HESSIAN, DENSE_CROSS}) if self.dense_target else frozenset({HESSIAN})
+        self.check_aim()
 
     def apply(self, state: LinearState, stats: LinearStats) -> LinearState:
         spec = self.quant_spec()
         inv = stats.inverse(self.percdamp, self.actorder, state.name)
         importance = stats.act_norm if spec.weighted_search else None  # proportional to diag(H)
-        if self.dense_target:  # a mask from an earlier stage still holds: the sweep keeps its zeros
-            state.weight = dense_target(state.weight, stats.dense_cross, inv)
+        self.aim(state, stats, inv)
 
         def requantize(target, mask):
             res = obs_sweep(target, inv, quant=spec, mask=mask, blocksize=self.blocksize, importance=importance)

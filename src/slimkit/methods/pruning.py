@@ -8,7 +8,7 @@ from ..ops.masks import mask_from_scores, parse_sparsity
 from ..ops.obs import obs_sweep
 from ..ops.quant import QuantSpec
 from .base import ACT_NORM, HESSIAN, LinearState, LinearStats, QuantFields, Stage, register
-from .gptq import SweepFields
+from .gptq import AimFields, SweepFields
 
 
 @dataclass
@@ -66,18 +66,18 @@ class Wanda(ScorePruner):
 
 @register
 @dataclass
-class SparseGPT(SweepFields, PruneFields, QuantFields, Stage):
+class SparseGPT(SweepFields, AimFields, PruneFields, QuantFields, Stage):
     """SparseGPT; with ``bits`` set it quantizes jointly in the same sweep (SparseGPT + OPTQ)."""
 
     name = "sparsegpt"
     examples = ({"sparsity": "2:4"}, {"sparsity": 0.5, "bits": 4, "group_size": 32})
-    needs = frozenset({HESSIAN})
     prunes = True
     bits: int | None = None  # QuantFields' grid, joint with the pruning; None: prune only
 
     def __post_init__(self):
         self.pattern()
         self.check_sweep()
+        self.check_aim()
         self.quant_spec()
 
     @property
@@ -103,6 +103,7 @@ class SparseGPT(SweepFields, PruneFields, QuantFields, Stage):
         spec, pattern = self.quant_spec(), self.pattern()
         inv = stats.inverse(self.percdamp, False, state.name)
         importance = stats.act_norm if spec is not None and spec.weighted_search else None
+        self.aim(state, stats, inv)
         res = obs_sweep(state.weight, inv, quant=spec, sparsity=pattern, blocksize=self.blocksize,
                         importance=importance)
         state.weight, state.mask, state.sparsity = res.W, res.keep, pattern

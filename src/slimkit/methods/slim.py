@@ -145,7 +145,7 @@ class SlimLoRA(Stage):
         return self.iterations > 1
 
     def apply(self, state: LinearState, stats: LinearStats | None) -> LinearState:
-        W = state.original
+        W = state.target
         out, k = W.shape
         r = resolve_rank(self.rank, out, k, self.pad_to)
         if self.reselect_mask and state.reprune is None:
