@@ -48,9 +48,11 @@ VARIANTS = {
     "gptq-ao-ws3": ("GPTQ + act-order + weighted search scored by |e|^3 (llm-compressor's imatrix_mse exponent)",
                     lambda b, g: [{"method": "gptq", "bits": b, "group_size": g, "actorder": True,
                                    "weighted_search": True, "search_norm": 3}]),
-    "gptq-ao-ws3-dt": ("GPTQ + act-order + weighted search |e|^3 + dense target (GPTAQ's asymmetric calibration)",
+    "gptq-ao-ws3-dt": ("GPTQ + act-order + weighted search |e|^3 + dense target (GPTAQ's asymmetric calibration, "
+                       "a quarter of the correction as its reference code)",
                        lambda b, g: [{"method": "gptq", "bits": b, "group_size": g, "actorder": True,
-                                      "weighted_search": True, "search_norm": 3, "dense_target": True}]),
+                                      "weighted_search": True, "search_norm": 3, "dense_target": True,
+                                      "dense_alpha": 0.25}]),
     "rot-gptq": ("rotate + GPTQ", lambda b, g: [ROT, {"method": "gptq", "bits": b, "group_size": g}]),
     "rot-gptq-ao-ws": ("rotate + GPTQ + act-order + weighted search",
                        lambda b, g: [ROT, {"method": "gptq", "bits": b, "group_size": g, "actorder": True,
@@ -60,7 +62,8 @@ VARIANTS = {
                                             "weighted_search": True, "search_norm": 3}]),
     "rot-gptq-ao-ws3-dt": ("rotate + GPTQ + act-order + weighted search |e|^3 + dense target",
                            lambda b, g: [ROT, {"method": "gptq", "bits": b, "group_size": g, "actorder": True,
-                                               "weighted_search": True, "search_norm": 3, "dense_target": True}]),
+                                               "weighted_search": True, "search_norm": 3, "dense_target": True,
+                                               "dense_alpha": 0.25}]),
 }
 
 # 2:4 + W4: key -> (label, stages given bits and group, or the built-in recipe it is)

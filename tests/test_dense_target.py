@@ -46,6 +46,9 @@ def test_dense_target_is_the_least_squares_weight(actorder):
     want = torch.linalg.lstsq(xt[:, live].double(), (x @ W.T).double()).solution.T.float()
     torch.testing.assert_close(got[:, live], want, rtol=1e-3, atol=1e-3)
     assert torch.equal(got[:, 5], W[:, 5])
+    # GPTAQ's partial correction: alpha of the way from W to the least-squares weight
+    quarter = dense_target(W, st.dense_cross, inverse_hessian(st.hessian, 0.0, actorder), alpha=0.25)
+    torch.testing.assert_close(quarter, W + 0.25 * (got - W), rtol=1e-4, atol=1e-5)
     # the same inputs on both sides: nothing to correct
     same = LinearStats(24, want_hessian=True, want_cross=True)
     same.add(xt, dense=xt)
@@ -58,6 +61,11 @@ def test_gptq_asks_for_the_cross_statistic_only_when_told():
     assert build_stage({"method": "gptq", "dense_target": True}).needs == {HESSIAN, DENSE_CROSS}
     with pytest.raises(Exception, match="dense_target"):
         build_stage({"method": "gptq", "dense_target": "yes"})
+    for bad in (0, 1.5, True):
+        with pytest.raises(Exception, match="dense_alpha must be"):
+            build_stage({"method": "gptq", "dense_target": True, "dense_alpha": bad})
+    with pytest.raises(Exception, match="set dense_target"):
+        build_stage({"method": "sparsegpt", "sparsity": "2:4", "dense_alpha": 0.5})
 
 
 def _output_error(path, text_file, stage: dict) -> float:
@@ -92,12 +100,12 @@ def test_low_rank_stages_fit_the_aimed_weight():
     st = LinearStats(32, want_hessian=True, want_cross=True)
     st.add(xt, dense=x)
     st.finalize()
-    aimed = dense_target(W, st.dense_cross, inverse_hessian(st.hessian, 0.01, False))
-    assert (aimed - W).norm() > 0.1 * W.norm()
+    aimed = dense_target(W, st.dense_cross, inverse_hessian(st.hessian, 0.01, False), alpha=0.5)
+    assert (aimed - W).norm() > 0.05 * W.norm()
     for first in ({"method": "gptq", "bits": 2, "group_size": 16},
                   {"method": "sparsegpt", "sparsity": "2:4", "bits": 2, "group_size": 16}):
         state = LinearState.from_weight("l", W)
-        for d in (first | {"dense_target": True},
+        for d in (first | {"dense_target": True, "dense_alpha": 0.5},
                   {"method": "slim_lora", "rank": 24, "adapter_bits": None, "saliency": "hessian", "refit": False,
                    "pad_to": 1}):
             state = build_stage(d).run(state, st)

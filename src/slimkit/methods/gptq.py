@@ -29,10 +29,16 @@ class AimFields:
     # aim at the dense model's outputs on its own inputs, not at this Linear's original weight on
     # the compressed model's inputs (W <- W + W D H^-1 before the sweep; D: LinearStats.dense_cross)
     dense_target: bool = False
+    dense_alpha: float = 0.25  # the fraction of that correction taken (GPTAQ's reference code: 0.25)
 
     def check_aim(self):
         if not isinstance(self.dense_target, bool):
             raise RecipeError(f"dense_target must be true or false, got {self.dense_target!r}")
+        a = self.dense_alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a <= 1:
+            raise RecipeError(f"dense_alpha must be a number in (0, 1], got {a!r}")
+        if a != 0.25 and not self.dense_target:
+            raise RecipeError("dense_alpha scales the dense_target correction: set dense_target: true")
 
     @property
     def needs(self) -> frozenset[str]:
@@ -42,7 +48,7 @@ class AimFields:
         """With ``dense_target``, move the weight (and the target of later stages: low-rank fits
         and re-fits) to the one whose outputs on this model's inputs best match the dense model's."""
         if self.dense_target:
-            state.weight = state.aimed = dense_target(state.original, stats.dense_cross, inv)
+            state.weight = state.aimed = dense_target(state.original, stats.dense_cross, inv, self.dense_alpha)
             if state.mask is not None:  # a mask from an earlier stage still holds
                 state.weight = state.weight * state.mask
 

@@ -71,14 +71,16 @@ def inverse_hessian(H: torch.Tensor, percdamp: float = 0.01, actorder: bool = Fa
     raise NumericalError(f"Cholesky of the Hessian of {name or 'a layer'} failed even with damping {damp:g}")
 
 
-def dense_target(W: torch.Tensor, cross: torch.Tensor, inv: InverseHessian) -> torch.Tensor:
-    """The weight whose outputs on the compressed model's inputs x~ best match the dense model's
-    outputs W x on its own inputs x (least squares, damped as the sweep's H): W + W D H^-1, with
-    D = (2/n) sum (x - x~)^T x~ and H = (2/n) sum x~^T x~ (GPTAQ's asymmetric calibration). Since
-    the residual of this least-squares fit is orthogonal to every x~, a sweep that minimises
-    tr((W' - Q) H (W' - Q)^T) from W' minimises the error against the dense outputs too."""
+def dense_target(W: torch.Tensor, cross: torch.Tensor, inv: InverseHessian, alpha: float = 1.0) -> torch.Tensor:
+    """W + alpha W D H^-1, with D = (2/n) sum (x - x~)^T x~ and H = (2/n) sum x~^T x~ (GPTAQ's
+    asymmetric calibration). With ``alpha`` 1 it is the weight whose outputs on the compressed
+    model's inputs x~ best match the dense model's outputs W x on its own inputs x (least squares,
+    damped as the sweep's H); since that fit's residual is orthogonal to every x~, a sweep that
+    minimises tr((W' - Q) H (W' - Q)^T) from W' minimises the error against the dense outputs too.
+    GPTAQ's reference code takes a quarter of the correction (alpha 0.25): the full one chases
+    the upstream error with this layer alone and over-fits the calibration tokens."""
     W = W.to(torch.float32)
-    G = W @ cross.to(W.device, torch.float32)  # (out, in)
+    G = alpha * (W @ cross.to(W.device, torch.float32))  # (out, in)
     U = inv.Hinv.to(W.device)  # (H + damp)^-1 = U^T U in sweep order
     if inv.perm is None:
         delta = (G @ U.T) @ U
