@@ -324,6 +324,7 @@ def render() -> str:
             dense_ppl = rs[0]["dense_ppl"]
             if key == "rot-gptq-ao-ws" and not sym:
                 label += f" (the built-in `rotate-gptq-w{b}-g{g}`)"
+            label = label.replace("|", "\\|")  # |e|^3 inside a table cell
             rows.append(f"| {label} | {','.join(str(r['seed']) for r in rs)} | {spread([r['ppl'] for r in rs])} | "
                         f"{spread([r['kl'] for r in rs], 4)} | {rs[0]['bpw']:.3f} | "
                         f"{statistics.mean(r['time'] for r in rs):.0f} |")
