@@ -10,7 +10,7 @@ from .base import DENSE_CROSS, HESSIAN, LinearState, LinearStats, QuantFields, S
 
 @dataclass
 class SweepFields:
-    """Fields of the stages that run the OBS sweep (GPTQ, SparseGPT)."""
+    """Fields of the stages that run the OBS sweep (GPTQ, SparseGPT, SliM-LLM, the GGUF sweeps)."""
 
     percdamp: float = 0.01
     blocksize: int = 128
