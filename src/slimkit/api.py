@@ -20,7 +20,7 @@ from .calib.device import Placement, peak_device_memory_mb, resolve_dtype
 from .calib.engine import check_recipe_fits
 from .data import calibration_ids, evaluation_ids
 from .data.sources import available_memory
-from .errors import SlimkitError
+from .errors import SlimkitError, is_number
 from .finetune import finetune_adapters
 from .eval import evaluate
 from .eval.perplexity import DenseReference, LinearHead, ReferenceCache, linear_head, reference_summary, windows_key
@@ -538,7 +538,7 @@ def evaluate_model(model: str, data: str | None = None, *, reference: str | None
         if num_fewshot is not None and (not isinstance(num_fewshot, int) or num_fewshot < 0):
             raise TaskError(f"--num-fewshot must be a non-negative integer, got {num_fewshot!r}")
         if limit is not None:
-            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+            if not is_number(limit) or not limit > 0:
                 raise TaskError(f"--limit must be positive (documents per task, or a fraction below 1), got {limit!r}")
             if limit >= 1:
                 if limit != int(limit):

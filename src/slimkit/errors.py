@@ -1,6 +1,12 @@
 """User-facing errors: each becomes one line on stderr and a non-zero exit in the CLI."""
 
 
+def is_number(x) -> bool:
+    """An int or a float, not a bool (YAML's true/false are ints to Python): the check every
+    numeric option makes before its range check."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 class SlimkitError(Exception):
     """A problem with the user's input or environment, stated in one line."""
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import RecipeError
+from ..errors import RecipeError, is_number
 from ..ops.obs import dense_target, obs_sweep
 from .base import DENSE_CROSS, HESSIAN, LinearState, LinearStats, QuantFields, Stage, register
 
@@ -35,7 +35,7 @@ class AimFields:
         if not isinstance(self.dense_target, bool):
             raise RecipeError(f"dense_target must be true or false, got {self.dense_target!r}")
         a = self.dense_alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a <= 1:
+        if not is_number(a) or not 0 < a <= 1:
             raise RecipeError(f"dense_alpha must be a number in (0, 1], got {a!r}")
         if a != 0.25 and not self.dense_target:
             raise RecipeError("dense_alpha scales the dense_target correction: set dense_target: true")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import RecipeError, require_positive_ints
+from ..errors import RecipeError, is_number, require_positive_ints
 from ..ops.decoder import DecoderConfig, fit_decoder, latent_dim
 from ..ops.vq import VQConfig, VectorQuantizer, estimate_error, greedy_permutation, lowrank, lq_alternate
 from .base import ACT_NORM, BlockContext, LinearState, LinearStats, Stage, register
@@ -70,7 +70,7 @@ class ReALLM(Stage):
     ft_sequences: int = 2  # calibration sequences per Adam step
 
     def __post_init__(self):
-        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or not 0.5 <= self.bits <= 16:
+        if not is_number(self.bits) or not 0.5 <= self.bits <= 16:
             raise RecipeError(f"bits must be a number of bits/weight in [0.5, 16], got {self.bits!r}")
         self.ranks = list(_int_tuple("ranks", self.ranks, 0))
         self.vector_dims = list(_int_tuple("vector_dims", self.vector_dims, 1))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import RecipeError
+from ..errors import RecipeError, is_number
 from ..ops.lowrank import absmax_quantize, hessian_lowrank, resolve_rank, saliency_diag, weighted_lowrank
 from ..ops.quant import QuantSpec, fake_quantize
 from ..ops.slim_quant import search_alpha, slim_scale
@@ -119,7 +119,7 @@ class SlimLoRA(Stage):
             raise RecipeError("reselect_mask acts in the re-fits after the first: it needs iterations >= 2")
         if self.saliency not in SALIENCY:
             raise RecipeError(f"saliency must be one of {', '.join(SALIENCY)}, got {self.saliency!r}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, float)):
+        if not is_number(self.rank):
             raise RecipeError(f"rank must be a ratio in (0, 1] or a positive integer, got {self.rank!r}")
         if isinstance(self.rank, float) and not 0 < self.rank <= 1:
             raise RecipeError(f"a rank ratio must be in (0, 1], got {self.rank!r}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import RecipeError
+from ..errors import RecipeError, is_number
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,9 @@ class QuantSpec:
 def check_search(grid, maxshrink, norm) -> None:
     if not isinstance(grid, int) or isinstance(grid, bool) or not 1 <= grid <= 10_000:
         raise RecipeError(f"search_grid must be an integer from 1 to 10000, got {grid!r}")
-    if isinstance(maxshrink, bool) or not isinstance(maxshrink, (int, float)) or not 0 < maxshrink <= 1:
+    if not is_number(maxshrink) or not 0 < maxshrink <= 1:
         raise RecipeError(f"search_maxshrink must be a number in (0, 1], got {maxshrink!r}")
-    if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or not 0 < norm <= 8):
+    if norm is not None and (not is_number(norm) or not 0 < norm <= 8):
         raise RecipeError(f"search_norm must be a number in (0, 8] or null, got {norm!r}")
 
 
