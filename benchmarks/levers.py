@@ -102,6 +102,27 @@ def recipe_file(budget: str, key: str) -> str:
     return str(path.relative_to(ROOT))
 
 
+# key -> the built-in recipe with the same stages, given bits and group (asymmetric budgets only)
+TWINS = {"rot-gptq-ao-ws": "rotate-gptq-w{b}-g{g}", "gptq-ao-ws3-dt": "gptaq-w{b}-g{g}"}
+
+
+def builtin_twin(budget: str, key: str) -> str | None:
+    """The built-in recipe whose stages are this variant's at this budget (None if there is none); a
+    twin whose stages differ from the variant's is an error, so a label never names the wrong recipe."""
+    b, g, sym = BUDGETS[budget]
+    if key not in TWINS or sym or budget in SPARSE:
+        return None
+    from slimkit.recipe import Recipe, builtin_recipes, load_recipe
+
+    name = TWINS[key].format(b=b, g=g)
+    if name not in builtin_recipes():
+        return None
+    ours = Recipe.from_yaml(ROOT / recipe_file(budget, key))
+    if ours.to_dict()["stages"] != load_recipe(name).to_dict()["stages"]:
+        raise SystemExit(f"levers.py: variant {key} at {budget} no longer has the stages of the built-in {name}")
+    return name
+
+
 def grid(budget: str) -> str:
     b, g, sym = BUDGETS[budget]
     return f"W{b} g{g} {'symmetric' if sym else 'asymmetric'}"
@@ -322,8 +343,9 @@ def render() -> str:
         for key, rs in runs.items():
             label = variants(budget)[key][0]
             dense_ppl = rs[0]["dense_ppl"]
-            if key == "rot-gptq-ao-ws" and not sym:
-                label += f" (the built-in `rotate-gptq-w{b}-g{g}`)"
+            name = builtin_twin(budget, key)
+            if name:
+                label += f" (the built-in `{name}`)"
             label = label.replace("|", "\\|")  # |e|^3 inside a table cell
             rows.append(f"| {label} | {','.join(str(r['seed']) for r in rs)} | {spread([r['ppl'] for r in rs])} | "
                         f"{spread([r['kl'] for r in rs], 4)} | {rs[0]['bpw']:.3f} | "
