@@ -195,7 +195,9 @@ def findings(budget: str, runs: dict[str, list[dict]], peers: dict[str, list[dic
     by_seed = {k: {r["seed"]: r["ppl"] for r in runs[k]} for k in keys}
     label = {k: v[0] for k, v in variants(budget).items()}
     best = min(ppl, key=lambda k: statistics.mean(ppl[k]))
-    out = [f"Best here{f' at no more than {limit:.3f} bits/weight' if limit else ''}: {label[best]}, mean "
+    twin = builtin_twin(budget, best)
+    out = [f"Best here{f' at no more than {limit:.3f} bits/weight' if limit else ''}: {label[best]}"
+           f"{f' (the built-in `{twin}`)' if twin else ''}, mean "
            f"perplexity {statistics.mean(ppl[best]):.2f} over {len(ppl[best])} seed(s)."]
     compare = [(label[same].split(" (")[0] + " as built in today", by_seed.get(same))] if best != same else []
     for config, reports in peers.items():
@@ -301,6 +303,8 @@ def main():
 
 
 def render() -> str:
+    runs_by_budget = {budget: runs_of(budget) for budget in BUDGETS}
+    every = [r for runs in runs_by_budget.values() for rs in runs.values() for r in rs]
     body = [
         "## Quality frontier: levers and a peer at each budget (issue 15)",
         "",
@@ -314,7 +318,7 @@ def render() -> str:
         "slower), so compare times only roughly. "
         "The peer row is llm-compressor run by "
         "`benchmarks/peer.py` on the same calibration token ids and scored by slimkit's evaluator on the same "
-        f"windows (its own wall time of `oneshot`). Machine: {machine()}.",
+        f"windows (its own wall time of `oneshot`). Machine: {machine(every)}.",
         "",
         "The 2:4 + W4 rows named after a built-in recipe reuse, for seed 0, the run of the core or SLiM section (the "
         "same command; its time was taken as that section says). "
@@ -331,7 +335,6 @@ def render() -> str:
         "Regenerate: `python benchmarks/levers.py` (recipes in benchmarks/recipes/levers/).",
         "",
     ]
-    runs_by_budget = {budget: runs_of(budget) for budget in BUDGETS}
     if frontier_plot(PLOT, runs_by_budget):
         body += [f"![KL to dense at each budget: slimkit today, slimkit's best, llm-compressor's best]"
                  f"({PLOT.relative_to(RESULTS.parent).as_posix()})", ""]
