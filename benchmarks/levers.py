@@ -342,7 +342,6 @@ def render() -> str:
     for budget in BUDGETS:
         rows = []
         runs = runs_by_budget[budget]
-        b, g, sym = BUDGETS[budget]
         for key, rs in runs.items():
             label = variants(budget)[key][0]
             dense_ppl = rs[0]["dense_ppl"]
