@@ -56,13 +56,14 @@ def threads_note(results: dict) -> str:
 
 
 def render(results: dict) -> str:
+    every = [r for by_seed, one in results.values() for r in [*by_seed, *([one] if one else [])]]
     body = ["## Noise floor: the same recipe across calibration draws and thread counts (issue 16)", "",
             "SmolLM2-135M-Instruct (embedded default), the quality frontier's settings (128 x 512 calibration "
             "tokens, 16,384 evaluation tokens). Spread: (max - min) / mean over the runs compared. Seeds: the "
             "same command with `--seed 0/1/2` (other calibration windows). Threads: seed 0 again with "
             "OMP_NUM_THREADS=1 (the same windows; only the summation order of matrix products differs; the "
             "report and the resume fingerprint record the thread count, and the same seed and thread count "
-            f"give the same bytes); {threads_note(results)}. Machine: {machine()}.", "",
+            f"give the same bytes); {threads_note(results)}. Machine: {machine(every)}.", "",
             "Regenerate: `python benchmarks/noise.py` (the seed runs are the quality frontier's).", "",
             "| recipe | seed | threads | ppl | KL (nats/token) |", "|---|---|---|---|---|"]
     floors = []
