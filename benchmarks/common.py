@@ -75,13 +75,17 @@ def row(label: str, r: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | ppl | KL (nats/token) | bits/weight | compress time (s) | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
+    """ppl, KL, bits, time and RSS of each row's seed-0 run; rows run on several seeds add a last column
+    with their perplexity's mean and range (see with_seeds)."""
+    extra = seeds_column(rows)
+    lines = ["| method | ppl | KL (nats/token) | bits/weight | compress time (s) | peak RSS (MiB) |"
+             + (f" {extra[0]} |" if extra else ""), "|---|---|---|---|---|---|" + ("---|" if extra else "")]
+    for i, r in enumerate(rows):
         kl = "0" if r["kl"] == 0 else f"{r['kl']:.4f}"
         t = "—" if r["time"] is None else f"{r['time']:.0f}"
         rss = "—" if r["rss"] is None else f"{r['rss']:.0f}"
-        lines.append(f"| {r['label']} | {r['ppl']:.2f} | {kl} | {r['bpw']:.3f} | {t} | {rss} |")
+        lines.append(f"| {r['label']} | {r['ppl']:.2f} | {kl} | {r['bpw']:.3f} | {t} | {rss} |"
+                     + (f" {extra[1][i]} |" if extra else ""))
     return "\n".join(lines)
 
 
@@ -122,7 +126,8 @@ def machine(rows: list[dict] | None = None) -> str:
     import platform
 
     import torch
-    dates = sorted({r["date"] for r in rows or () if r.get("date")}) or [time.strftime("%Y-%m-%d")]  # unknown: today
+    dates = sorted({d for r in rows or () for d in [r.get("date"), *r.get("seed_dates", ())] if d})
+    dates = dates or [time.strftime("%Y-%m-%d")]  # unknown: today
     when = dates[0] if len(dates) == 1 else f"runs of {dates[0]} to {dates[-1]}"
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, fp32, {when}")
@@ -140,3 +145,65 @@ def write_section(name: str, body: str) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text)
+
+
+SEEDS = (0, 1, 2)  # the calibration seeds of a headline row
+
+
+def seed_tag(tag: str, seed: int) -> str:
+    """A seed's run of a row: seed 0 is the row's own run, another adds -s<seed> (benchmarks/levers.py's names)."""
+    return tag if seed == 0 else f"{tag}-s{seed}"
+
+
+def with_seeds(r: dict, recipe: str, tag: str | None = None, extra: list[str] = (), run_missing: bool = True,
+               seeds: tuple[int, ...] = SEEDS, keep_model: bool = False, fresh: bool = False) -> dict:
+    """A row (of seed 0's run) with the perplexity and KL of every seed as "seeds": {seed: (ppl, kl)}. The
+    other seeds are the same command with `--seed S` last; run here when missing (unless run_missing is
+    False: then only those already finished count; all again with fresh)."""
+    tag = tag or recipe.replace("/", "_")
+    by_seed, dates = {0: (r["ppl"], r["kl"])}, []
+    for s in seeds:
+        if s == 0 or not (run_missing or finished(recipe, seed_tag(tag, s))):
+            continue
+        rep = compress_run(recipe, tag=seed_tag(tag, s), extra=[*extra, "--seed", str(s)], keep_model=keep_model,
+                           fresh=fresh)
+        by_seed[s] = (rep["eval"]["ppl"], rep["eval"]["kl"])
+        dates.append(rep.get("date"))
+    return r | {"seeds": by_seed, "seed_dates": dates}
+
+
+def spread(values: list[float], fmt: str = ".2f") -> str:
+    """mean (min–max) of a few seeds' values; the value alone for one."""
+    import statistics
+
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+
+
+def verdict(mine: list[float], other: list[float]) -> str:
+    """Whether `mine` (lower is better, one value per seed) beats `other`, by this document's rule: a win
+    needs two seeds or more on each side, ranges that do not overlap, and a difference of the means larger
+    than either range; a lower mean short of that is a tie."""
+    import statistics
+
+    margin = statistics.mean(other) - statistics.mean(mine)
+    range_ = max(max(mine) - min(mine), max(other) - min(other))
+    if min(len(mine), len(other)) < 2:
+        return "fewer than two seeds: not yet a finding"
+    if max(mine) < min(other) and margin > range_:
+        return f"lower by {margin:.2f}, more than the seed range ({range_:.2f}): a win"
+    if margin > 0:
+        return f"lower by {margin:.2f}, less than the seed range ({range_:.2f}) or the ranges overlap: a tie"
+    return f"higher by {-margin:.2f}" + (": a loss" if max(other) < min(mine) else ", the ranges overlap")
+
+
+def seeds_column(rows: list[dict]) -> tuple[str, list[str]] | None:
+    """The header and the cells of a "ppl over seeds" column (mean (range)), or None when no row has more
+    than one seed; "—" for rows of one seed."""
+    many = [r for r in rows if len(r.get("seeds") or {}) > 1]
+    if not many:
+        return None
+    seeds = sorted({s for r in many for s in r["seeds"]})
+    cells = [spread([p for p, _ in r["seeds"].values()]) if len(r.get("seeds") or {}) > 1 else "—" for r in rows]
+    return f"ppl, seeds {','.join(map(str, seeds))}: mean (range)", cells

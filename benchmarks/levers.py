@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 import yaml
-from common import REPORTS, RESULTS, ROOT, compress_run, finished, machine, row, write_section
+from common import REPORTS, RESULTS, ROOT, compress_run, finished, machine, row, verdict, write_section
 
 RECIPES = ROOT / "benchmarks" / "recipes" / "levers"
 # name -> (bits, group, symmetric), in the order of the section
@@ -210,21 +210,11 @@ def findings(budget: str, runs: dict[str, list[dict]], peers: dict[str, list[dic
         other = list(other_by_seed.values())
         common = sorted(set(by_seed[best]) & set(other_by_seed))
         pairwise = bool(common) and all(by_seed[best][s] < other_by_seed[s] for s in common)
-        sep = max(ppl[best]) < min(other)
-        margin = statistics.mean(other) - statistics.mean(ppl[best])
-        spread_ = max(max(ppl[best]) - min(ppl[best]), max(other) - min(other))
-        if min(len(ppl[best]), len(other)) < 2:
-            verdict = "fewer than two seeds: not yet a finding"
-        elif sep and margin > spread_:
-            verdict = f"lower by {margin:.2f}, more than the seed range ({spread_:.2f}): a win"
-        elif margin > 0:
-            verdict = f"lower by {margin:.2f}, less than the seed range ({spread_:.2f}) or the ranges overlap: a tie"
-        else:
-            verdict = f"higher by {-margin:.2f}" + (": a loss" if max(other) < min(ppl[best]) else ", the ranges overlap")
+        why = verdict(ppl[best], other)
         seeds = ",".join(map(str, common))
         out.append(f"Against {name} ({statistics.mean(other):.2f} over {len(other)} seed(s)): "
                    f"{'lower' if pairwise else 'NOT lower'} on {'each common seed' if len(common) > 1 else 'the common seed'} "
-                   f"({seeds or 'none'}); {verdict}.")
+                   f"({seeds or 'none'}); {why}.")
     lines = [" ".join(out), ""]
     if budget in SPARSE and "sgpt-g128s" in runs:
         dense = runs["sgpt-g128s"][0]["dense_ppl"]
