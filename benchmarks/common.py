@@ -207,3 +207,44 @@ def seeds_column(rows: list[dict]) -> tuple[str, list[str]] | None:
     seeds = sorted({s for r in many for s in r["seeds"]})
     cells = [spread([p for p, _ in r["seeds"].values()]) if len(r.get("seeds") or {}) > 1 else "—" for r in rows]
     return f"ppl, seeds {','.join(map(str, seeds))}: mean (range)", cells
+
+
+TASK = "slimkit_shakespeare_next_line"  # the built-in lm-eval task: the true next line of a held-out play among 4
+
+
+def task_score(tag: str, model: str, task: str = TASK, of: dict | None = None,
+               run_missing: bool = True) -> dict | None:
+    """lm-eval's accuracy of a kept model (a `compress` output folder, or 'default' for the dense model) on
+    ``task``, in its own process: {"acc", "stderr", "command", "seconds", "date", "ppl"}, cached as
+    benchmarks/reports/<tag>-<task>.json. ``of``: the run's report; the cache records its perplexity and
+    counts only for that same run (a run made again is scored again). None when not cached and
+    run_missing is False."""
+    path = REPORTS / f"{tag}-{task}.json"
+    ppl = of["eval"]["ppl"] if of else None
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("ppl") == ppl:
+            return cached
+    if not run_missing:
+        return None
+    command = f"slimkit eval {model} --tasks {task} -q"
+    code = ("import json, sys; from slimkit.api import evaluate_model; "
+            "r = evaluate_model(sys.argv[1], tasks=sys.argv[2], progress=False); "
+            "print(json.dumps({'tasks': r['tasks'], 'lm_eval_version': r['lm_eval_version']}))")
+    print(f"[{time.strftime('%H:%M:%S')}] {command}", flush=True)
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", code, model, task], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    metrics = r["tasks"][task]
+    score = {"acc": metrics["acc,none"], "stderr": metrics["acc_stderr,none"], "command": command,
+             "seconds": time.time() - t0, "date": time.strftime("%Y-%m-%d"), "lm_eval": r["lm_eval_version"],
+             "ppl": ppl}
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(score, indent=1))
+    return score
+
+
+def kept_model(tag: str) -> bool:
+    """Whether a run's compressed model is still on disk (compress_run deletes it unless keep_model)."""
+    return any((RUNS / tag).glob("model*.safetensors"))

@@ -76,5 +76,15 @@ def test_the_seeds_column_appears_only_when_a_row_has_several_seeds(common):
     assert all(line.count("|") == lines[0].count("|") for line in lines)
 
 
+
+def test_a_cached_task_score_counts_only_for_the_run_it_scored(common):
+    common.REPORTS.mkdir()
+    cached = {"acc": 0.4, "stderr": 0.02, "ppl": 93.53}
+    (common.REPORTS / f"rec-{common.TASK}.json").write_text(json.dumps(cached))
+    assert common.task_score("rec", "benchmarks/runs/rec", of=report(93.53, 0.9), run_missing=False) == cached
+    # the row was compressed again since (another perplexity): the old score is not shown for it
+    assert common.task_score("rec", "benchmarks/runs/rec", of=report(90.0, 0.9), run_missing=False) is None
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
