@@ -16,13 +16,39 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from common import compress_run, finished, machine, row, write_section
+import json
+
+from common import REPORTS, SEEDS, committed_date, compress_run, finished, machine, row, seed_tag, write_section
 from levers import recipe_file, tag
 
 BUDGET = "w3g64"
 RECIPES = {"gptq": "GPTQ W3 g64 (the built-in recipe today)",
            "rot-gptq-ao-ws": "rotate + GPTQ W3 g64 + act-order + weighted search (`rotate-gptq-w3-g64`)"}
-SEEDS = (0, 1, 2)
+
+
+# the other sections' rows run on seeds 0, 1, 2 (their runs; nothing is run here for them): (label, run name)
+HEADLINE = [
+    ("GPTQ W4 g64 (`gptq-w4-g64`, core)", "gptq-w4-g64"),
+    ("SparseGPT 2:4 + GPTQ W4 g64 (`sparsegpt-2of4-gptq-w4`, core, the README's first command)", "sparsegpt-2of4-gptq-w4"),
+    ("SparseGPT 2:4 + GPTQ W4 g128 sym (`sparsegpt-gptq`, SLiM)", "sparsegpt-gptq"),
+    ("SLiM-LoRA^Q (`slim`, SLiM)", "slim"),
+    ("SLiM+ (`slim-plus`, SLiM)", "slim-plus"),
+    ("GPTQ W3 g64, 32 x 512 calibration (`gptq-w3-g64`, SliM-LLM)", "gptq-w3-g64-c32"),
+    ("SliM-LLM 3-bit g64, 32 x 512 calibration (`slim-llm-3bit-g64`, SliM-LLM)", "slim-llm-3bit-g64-c32"),
+    ("SliM-LLM 2-bit g64, 32 x 512 calibration (`slim-llm-2bit-g64`, SliM-LLM)", "slim-llm-2bit-g64-c32"),
+    ("SliM-LLM+ 2-bit g64, 32 x 512 calibration (`slim-llm-plus-2bit-g64`, SliM-LLM)", "slim-llm-plus-2bit-g64-c32"),
+]
+
+
+def headline_runs() -> list[tuple[str, list[dict]]]:
+    """(label, the reports of seeds 0, 1, 2) of each headline row whose three seeds are finished."""
+    out = []
+    for label, name in HEADLINE:
+        paths = [REPORTS / f"{seed_tag(name, s)}.json" for s in SEEDS]
+        if all(p.is_file() for p in paths):
+            reports = [json.loads(p.read_text()) for p in paths]
+            out.append((label, [r | {"date": r.get("date") or committed_date(p)} for r, p in zip(reports, paths)]))
+    return out
 
 
 def thread_tag(key: str, threads: int) -> str:
@@ -57,6 +83,7 @@ def threads_note(results: dict) -> str:
 
 def render(results: dict) -> str:
     every = [r for by_seed, one in results.values() for r in [*by_seed, *([one] if one else [])]]
+    every += [{"date": r.get("date")} for _, reports in headline_runs() for r in reports]
     body = ["## Noise floor: the same recipe across calibration draws and thread counts (issue 16)", "",
             "SmolLM2-135M-Instruct (embedded default), the quality frontier's settings (128 x 512 calibration "
             "tokens, 16,384 evaluation tokens). Spread: (max - min) / mean over the runs compared. Seeds: the "
@@ -87,11 +114,27 @@ def render(results: dict) -> str:
             parts.append(f"between 2 threads and 1 thread (seed 0) {100 * sp:.2f}% of perplexity")
         if parts:
             body.append(f"- {RECIPES[key]}: " + "; ".join(parts) + ".")
+    heads = headline_runs()
+    wide = []
+    if heads:
+        body += ["", "The other sections' headline rows, on the same three seeds (their own runs):", "",
+                 "| recipe | ppl, seeds 0 / 1 / 2 | spread of ppl | spread of KL |", "|---|---|---|---|"]
+        for label, reports in heads:
+            ppl, kl = [r["eval"]["ppl"] for r in reports], [r["eval"]["kl"] for r in reports]
+            wide.append((rel(ppl), label))
+            body.append(f"| {label} | {' / '.join(f'{p:.2f}' for p in ppl)} | {100 * rel(ppl):.1f}% | "
+                        f"{100 * rel(kl):.1f}% |")
     if floors:
-        body += ["", f"Noise floor: **{100 * max(floors):.1f}% of perplexity**, the largest spread above. On this "
-                 "model, two single runs whose perplexities differ by less than that are a tie; the tables of "
-                 "this document that have several seeds give their range, and a claim of one method over "
-                 "another is made only when the ranges do not overlap."]
+        quant = max(floors)
+        body += ["", f"Noise floor: **{100 * quant:.1f}% of perplexity** for 3-bit weight quantization "
+                 "(the largest spread of the two recipes above)"
+                 + (f"; larger for other recipes, up to **{100 * max(wide)[0]:.1f}%** ({max(wide)[1]}): each "
+                    "table compares against the spread of its own rows" if wide and
+                    max(wide)[0] > quant else "")
+                 + ". On this model, two single runs whose perplexities differ by less than that are a tie; the "
+                 "tables of this document that have several seeds give their range, and a claim of one method "
+                 "over another is made only when the ranges do not overlap and the means differ by more than "
+                 "either range."]
     return "\n".join(body)
 
 
