@@ -35,8 +35,6 @@ HEADLINE = [
     ("SLiM+ (`slim-plus`, SLiM)", "slim-plus"),
     ("GPTQ W3 g64, 32 x 512 calibration (`gptq-w3-g64`, SliM-LLM)", "gptq-w3-g64-c32"),
     ("SliM-LLM 3-bit g64, 32 x 512 calibration (`slim-llm-3bit-g64`, SliM-LLM)", "slim-llm-3bit-g64-c32"),
-    ("SliM-LLM 2-bit g64, 32 x 512 calibration (`slim-llm-2bit-g64`, SliM-LLM)", "slim-llm-2bit-g64-c32"),
-    ("SliM-LLM+ 2-bit g64, 32 x 512 calibration (`slim-llm-plus-2bit-g64`, SliM-LLM)", "slim-llm-plus-2bit-g64-c32"),
 ]
 
 
