@@ -172,6 +172,11 @@ def with_seeds(r: dict, recipe: str, tag: str | None = None, extra: list[str] = 
     return r | {"seeds": by_seed, "seed_dates": dates}
 
 
+def seed_ppls(r: dict) -> list[float]:
+    """The perplexity of each seed a row ran (see with_seeds)."""
+    return [p for p, _ in r["seeds"].values()]
+
+
 def spread(values: list[float], fmt: str = ".2f") -> str:
     """mean (min–max) of a few seeds' values; the value alone for one."""
     import statistics
@@ -205,7 +210,7 @@ def seeds_column(rows: list[dict]) -> tuple[str, list[str]] | None:
     if not many:
         return None
     seeds = sorted({s for r in many for s in r["seeds"]})
-    cells = [spread([p for p, _ in r["seeds"].values()]) if len(r.get("seeds") or {}) > 1 else "—" for r in rows]
+    cells = [spread(seed_ppls(r)) if len(r.get("seeds") or {}) > 1 else "—" for r in rows]
     return f"ppl, seeds {','.join(map(str, seeds))}: mean (range)", cells
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from common import (SEEDS, command_lines, compress_run, finished, machine, row, section_plot, table, with_seeds,
-                    write_section)
+from common import (SEEDS, command_lines, compress_run, finished, machine, row, section_plot, seed_ppls, table,
+                    with_seeds, write_section)
 
 CONFIGS = [
     ("RTN W4 per-channel (asym)", "rtn-w4-channel"),
@@ -45,7 +45,7 @@ def seed_note(joint: dict) -> list[str]:
     """What the README's first command prints (seed 0) against its seeds' spread."""
     if len(joint.get("seeds") or {}) < 2:
         return []
-    ppl = [p for p, _ in joint["seeds"].values()]
+    ppl = seed_ppls(joint)
     return [f"The README's first command is the SparseGPT 2:4 + GPTQ W4 g64 row with seed 0: it prints "
             f"{joint['ppl']:.2f}. The same command with other calibration windows gives "
             + ", ".join(f"{p:.2f} (seed {s})" for s, (p, _) in sorted(joint["seeds"].items()) if s)

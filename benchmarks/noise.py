@@ -14,10 +14,12 @@ perplexity between two single runs on this model is a tie.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 
-import json
-
+import core
+import slim
+import slim_llm
 from common import REPORTS, SEEDS, committed_date, compress_run, finished, machine, row, seed_tag, write_section
 from levers import recipe_file, tag
 
@@ -26,22 +28,19 @@ RECIPES = {"gptq": "GPTQ W3 g64 (the built-in recipe today)",
            "rot-gptq-ao-ws": "rotate + GPTQ W3 g64 + act-order + weighted search (`rotate-gptq-w3-g64`)"}
 
 
-# the other sections' rows run on seeds 0, 1, 2 (their runs; nothing is run here for them): (label, run name)
-HEADLINE = [
-    ("GPTQ W4 g64 (`gptq-w4-g64`, core)", "gptq-w4-g64"),
-    ("SparseGPT 2:4 + GPTQ W4 g64 (`sparsegpt-2of4-gptq-w4`, core, the README's first command)", "sparsegpt-2of4-gptq-w4"),
-    ("SparseGPT 2:4 + GPTQ W4 g128 sym (`sparsegpt-gptq`, SLiM)", "sparsegpt-gptq"),
-    ("SLiM-LoRA^Q (`slim`, SLiM)", "slim"),
-    ("SLiM+ (`slim-plus`, SLiM)", "slim-plus"),
-    ("GPTQ W3 g64, 32 x 512 calibration (`gptq-w3-g64`, SliM-LLM)", "gptq-w3-g64-c32"),
-    ("SliM-LLM 3-bit g64, 32 x 512 calibration (`slim-llm-3bit-g64`, SliM-LLM)", "slim-llm-3bit-g64-c32"),
-]
+def headline() -> list[tuple[str, str]]:
+    """(label, run name) of the other sections' rows run on seeds 0, 1, 2: their scripts' HEADLINE rows
+    (their runs; nothing is run here for them)."""
+    return ([(f"{label} (`{r}`, core)", r) for label, r in core.CONFIGS if r in core.HEADLINE]
+            + [(f"{label} (`{r}`, SLiM 2:4)", r) for label, r in slim.SETTINGS["2:4"] if r in slim.HEADLINE]
+            + [(f"{label}, 32 x 512 calibration (`{r}`, SliM-LLM)", slim_llm.tag(r))
+               for label, r, _, _ in slim_llm.configs() if r in slim_llm.HEADLINE])
 
 
 def headline_runs() -> list[tuple[str, list[dict]]]:
     """(label, the reports of seeds 0, 1, 2) of each headline row whose three seeds are finished."""
     out = []
-    for label, name in HEADLINE:
+    for label, name in headline():
         paths = [REPORTS / f"{seed_tag(name, s)}.json" for s in SEEDS]
         if all(p.is_file() for p in paths):
             reports = [json.loads(p.read_text()) for p in paths]

@@ -14,7 +14,7 @@ import argparse
 import statistics
 
 from common import (ROOT, RUNS, SEEDS, TASK, command_lines, compress_run, kept_model, machine, row, section_plot,
-                    seeds_column, spread, task_score, verdict, with_seeds, write_section)
+                    seed_ppls, seeds_column, spread, task_score, verdict, with_seeds, write_section)
 
 SETTINGS = {
     "2:4": [
@@ -46,7 +46,7 @@ SHARED_MACHINE = {"wanda-absmax", "naive-lora", "slim-lora", "slim-unstructured-
 
 
 def mean_ppl(r: dict) -> float:
-    return statistics.mean(p for p, _ in r["seeds"].values())
+    return statistics.mean(seed_ppls(r))
 
 
 def acc(score: dict | None) -> str:
@@ -169,13 +169,12 @@ def seed_targets(base: dict, slim: dict, plus: dict, dense: float) -> list[str]:
     base by the document's win rule (one bullet; none when the base has one seed)."""
     if len(base.get("seeds") or {}) < 2:
         return []
-    ppl = lambda r: [p for p, _ in r["seeds"].values()]  # noqa: E731
     gap = lambda r: (mean_ppl(base) - mean_ppl(r)) / (mean_ppl(base) - dense)  # noqa: E731
-    parts = [f"`{name}` {spread(ppl(r))}, gap closed {gap(r):+.2f}" for name, r in
+    parts = [f"`{name}` {spread(seed_ppls(r))}, gap closed {gap(r):+.2f}" for name, r in
              (("slim", slim), ("slim-plus", plus)) if len(r.get("seeds") or {}) > 1]
     seeds = ",".join(map(str, sorted(base["seeds"])))
-    return [f"- Over calibration seeds {seeds} (mean (range)): `sparsegpt-gptq` {spread(ppl(base))}; "
-            + "; ".join(parts) + f". `slim-plus` against `sparsegpt-gptq`: {verdict(ppl(plus), ppl(base))} "
+    return [f"- Over calibration seeds {seeds} (mean (range)): `sparsegpt-gptq` {spread(seed_ppls(base))}; "
+            + "; ".join(parts) + f". `slim-plus` against `sparsegpt-gptq`: {verdict(seed_ppls(plus), seed_ppls(base))} "
             f"(issue 15's target for it: a gap closed of +0.75 or more by the means: "
             f"{'met' if gap(plus) >= 0.75 else 'NOT met'})."]
 
