@@ -41,8 +41,10 @@ SETTINGS = {
 # the rows the targets compare (the base, the paper's recipe, slimkit's): also run with seeds 1 and 2
 HEADLINE = {"sparsegpt-gptq", "slim", "slim-plus"}
 
-# runs whose wall time was taken while another job (tests, the memory benchmark) shared the 2 cores
-SHARED_MACHINE = {"wanda-absmax", "naive-lora", "slim-lora", "slim-unstructured-ft"}
+# runs whose wall time was taken while another job (tests, the memory benchmark) shared the 2 cores:
+# recipe -> the day of that run (a later run of the recipe is not marked)
+SHARED_MACHINE = {"wanda-absmax": "2026-11-24", "naive-lora": "2026-11-24", "slim-lora": "2026-11-24",
+                  "slim-unstructured-ft": "2026-11-24"}
 
 
 def mean_ppl(r: dict) -> float:
@@ -84,7 +86,7 @@ def main():
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--only", choices=list(SETTINGS))
     ap.add_argument("--tasks", action="store_true",
-                    help=f"score the 2:4 rows the targets compare, and the dense model, on the built-in task {TASK} "
+                    help=f"score every 2:4 row (its seed-0 run) and the dense model on the built-in task {TASK} "
                          "(a row whose model was not kept is compressed again, keeping it)")
     ap.add_argument("--finished-only", action="store_true",
                     help="run no missing seed of a headline row; write the section from the runs finished")
@@ -106,9 +108,10 @@ def main():
         for label, recipe in configs:
             report = compress_run(recipe, fresh=args.fresh)
             score = None
-            if setting == "2:4" and recipe in HEADLINE:
+            if setting == "2:4":
                 report, score = scored(recipe, report, args.tasks and not args.finished_only)
-            r = row(label + (" †" if recipe in SHARED_MACHINE and not args.fresh else ""), report)
+            shared = SHARED_MACHINE.get(recipe) == report.get("date") is not None
+            r = row(label + (" †" if shared else ""), report)
             if setting == "2:4" and recipe in HEADLINE:
                 r = with_seeds(r, recipe, run_missing=not args.finished_only, fresh=args.fresh)
             rows.append(r | {"recipe": recipe, "report": report, "task": score})
@@ -147,9 +150,10 @@ def task_note(rows: list[dict], dense_task: dict | None) -> list[str]:
             "written, ± lm-eval's standard error. Commands: "
             + "; ".join(f"`{r['task']['command']}`" for r in scored_rows)
             + (f"; dense: `{dense_task['command']}`" if dense_task else "")
-            + f". It is measured on the rows the targets compare ({', '.join(r['recipe'] for r in scored_rows)}; "
-            f"`python benchmarks/slim.py --tasks` makes them, compressing a row again when its model was not kept); "
-            "the others show —. With 500 documents the standard error is about 0.02: accuracies closer than "
+            + (". Every row is scored" if len(scored_rows) == len(rows) else
+               f". Scored so far: {', '.join(r['recipe'] for r in scored_rows)}; the others show —")
+            + " (`python benchmarks/slim.py --tasks` scores them, compressing a row again, its model kept, when "
+            "the model was not kept). With 500 documents the standard error is about 0.02: accuracies closer than "
             "about twice that are not told apart.", ""]
 
 
