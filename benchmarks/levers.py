@@ -102,19 +102,19 @@ def recipe_file(budget: str, key: str) -> str:
     return str(path.relative_to(ROOT))
 
 
-# key -> the built-in recipe with the same stages, given bits and group (asymmetric budgets only)
-TWINS = {"rot-gptq-ao-ws": "rotate-gptq-w{b}-g{g}", "gptq-ao-ws3-dt": "gptaq-w{b}-g{g}"}
+# key -> the built-in recipe with the same stages, given bits, group and "-sym" for a symmetric grid
+TWINS = {"rot-gptq-ao-ws": "rotate-gptq-w{b}-g{g}{sym}", "gptq-ao-ws3-dt": "gptaq-w{b}-g{g}{sym}"}
 
 
 def builtin_twin(budget: str, key: str) -> str | None:
     """The built-in recipe whose stages are this variant's at this budget (None if there is none); a
     twin whose stages differ from the variant's is an error, so a label never names the wrong recipe."""
     b, g, sym = BUDGETS[budget]
-    if key not in TWINS or sym or budget in SPARSE:
+    if key not in TWINS or budget in SPARSE:
         return None
     from slimkit.recipe import Recipe, builtin_recipes, load_recipe
 
-    name = TWINS[key].format(b=b, g=g)
+    name = TWINS[key].format(b=b, g=g, sym="-sym" if sym else "")
     if name not in builtin_recipes():
         return None
     ours = Recipe.from_yaml(ROOT / recipe_file(budget, key))
