@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+from pathlib import Path
 
 import core
 import slim
 import slim_llm
-from common import REPORTS, SEEDS, committed_date, compress_run, finished, machine, row, seed_tag, write_section
+from common import REPORTS, ROOT, SEEDS, committed_date, compress_run, finished, machine, row, seed_tag, write_section
 from levers import recipe_file, tag
 
 BUDGET = "w3g64"
@@ -46,6 +48,103 @@ def headline_runs() -> list[tuple[str, list[dict]]]:
             reports = [json.loads(p.read_text()) for p in paths]
             out.append((label, [r | {"date": r.get("date") or committed_date(p)} for r, p in zip(reports, paths)]))
     return out
+
+
+def earlier_version(path: Path, root: Path = ROOT) -> tuple[str, dict] | None:
+    """(its commit day, the report) of the newest committed version of a report that ran the same command
+    and gave another perplexity than the file as it is now, or None (never committed, no git, no such
+    version)."""
+    now = json.loads(path.read_text())
+    rel_path = str(path.resolve().relative_to(root.resolve()))
+    try:
+        log = subprocess.run(["git", "log", "--format=%H %cs", "--", rel_path], cwd=root, capture_output=True,
+                             text=True).stdout.split("\n")
+    except OSError:
+        return None
+    for line in filter(None, log):
+        commit, day = line.split()
+        shown = subprocess.run(["git", "show", f"{commit}:{rel_path}"], cwd=root, capture_output=True, text=True)
+        if shown.returncode:
+            continue
+        then = json.loads(shown.stdout)
+        if (isinstance(then, dict) and then.get("command") == now.get("command")
+                and then.get("eval", {}).get("ppl") != now["eval"]["ppl"]):
+            return day, then
+    return None
+
+
+def same_recipe(now: dict, then: dict) -> bool:
+    """Whether two reports ran the same stages: each recipe as the current code reads it (options added
+    since take their defaults), so a recipe redefined under the same name is told apart."""
+    from slimkit.errors import RecipeError
+    from slimkit.recipe import Recipe
+
+    try:
+        return Recipe.from_dict(now["recipe"]).to_dict()["stages"] == Recipe.from_dict(then["recipe"]).to_dict()["stages"]
+    except (RecipeError, KeyError, TypeError):
+        return False
+
+
+def drift(now: dict, then: dict, threshold: float = 1e-3) -> dict | None:
+    """How two runs of one command made by different code differ Linear by Linear: the relative difference
+    of the first Linear's output error (its calibration inputs are the same in both runs), the largest of a
+    block-0 Linear's, and the first block where some Linear's differs by more than ``threshold`` relative
+    (None when the Linears are not the same list)."""
+    a, b = now["compression"]["layers"], then["compression"]["layers"]
+    if [x["name"] for x in a] != [y["name"] for y in b]:
+        return None
+    by_block: dict[str, float] = {}
+    diffs = []
+    for x, y in zip(a, b):
+        block = next((part for part in x["name"].split(".") if part.isdigit()), "")
+        diffs.append(abs(x["rel_error"] - y["rel_error"]) / max(abs(y["rel_error"]), 1e-30))
+        by_block[block] = max(by_block.get(block, 0.0), diffs[-1])
+    first = next(iter(by_block))
+    return {"first": diffs[0], "block0": by_block[first],
+            "first_over": next((int(k) for k, v in by_block.items() if v > threshold), None)}
+
+
+def code_drift_rows() -> list[str]:
+    """A table of the seed-0 runs made again by later code with another perplexity: where the two runs
+    part (block 0's Linears agreeing to rounding means the method's arithmetic did not change, only its
+    order), and how far perplexity moved."""
+    rows, redefined = [], []
+    for path in sorted(REPORTS.glob("*.json")):
+        report = json.loads(path.read_text())
+        if not isinstance(report, dict) or "compression" not in report or "eval" not in report:
+            continue
+        found = earlier_version(path)
+        if not found:
+            continue
+        day, then = found
+        d = drift(report, then)
+        if d is None:
+            continue
+        if not same_recipe(report, then):
+            redefined.append(f"`{path.stem}` (first Linear {d['first']:.0e})")
+            continue
+        new_day = report.get("date") or committed_date(path) or "not committed"
+        moved = (report["eval"]["ppl"] - then["eval"]["ppl"]) / then["eval"]["ppl"]
+        rows.append(f"| `{path.stem}` | {day}: {then['eval']['ppl']:.2f} | {new_day}: {report['eval']['ppl']:.2f} "
+                    f"| {100 * moved:+.2f}% | {d['first']:.0e} | {d['block0']:.0e} | "
+                    f"{'none' if d['first_over'] is None else d['first_over']} |")
+    if not rows:
+        return []
+    return ["", "The same command run again by later code with the same recipe stages, where the perplexity is "
+            "not the same float (the newest earlier version of each report in git that ran the same command). "
+            "Columns: the relative difference between the two runs' output error of the first Linear (block 0's "
+            "first projection: its calibration inputs, the normed embeddings of the same tokens, are the same in both runs), the largest over "
+            "block 0's Linears, and the first block where some Linear's differs by more than 0.1%. The first Linear "
+            "agreeing to about 1e-6 or closer says the method computed the same thing in another floating-point "
+            "order (a changed method moves it by far more"
+            + (f": recipes redefined under the same name since, left out here: {', '.join(redefined)}" if redefined else "")
+            + "); a larger difference later in block 0 is consistent with that plus a rounding code or a 2:4 choice "
+            "flipped at a near-tie. The difference then grows through the blocks (each block is calibrated on the "
+            "outputs of the blocks before it), and the perplexity moves by an amount to compare with the recipe's "
+            "seed spread above.", "",
+            "| run | before | now | ppl moved | first Linear | block 0 | first block over 0.1% |",
+            "|---|---|---|---|---|---|---|",
+            *rows]
 
 
 def thread_tag(key: str, threads: int) -> str:
@@ -132,6 +231,7 @@ def render(results: dict) -> str:
                  "tables of this document that have several seeds give their range, and a claim of one method "
                  "over another is made only when the ranges do not overlap and the means differ by more than "
                  "either range."]
+    body += code_drift_rows()
     return "\n".join(body)
 
 

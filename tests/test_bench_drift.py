@@ -1,0 +1,66 @@
+"""benchmarks/noise.py's account of a run made again by later code: which earlier version of a report it
+compares with (same command, another perplexity), how far the two runs' per-Linear errors part, and that a
+recipe redefined under its name is told apart from one computed in another floating-point order."""
+import json
+import subprocess
+
+import pytest
+
+from test_bench_seeds import ROOT
+
+
+@pytest.fixture
+def noise(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import noise as mod
+    return mod
+
+
+STAGES = [{"method": "gptq", "bits": 4, "group_size": 64}]
+
+
+def report(ppl, errors, command="slimkit compress default --recipe r", stages=STAGES):
+    names = [f"model.layers.{b}.{n}" for b in range(len(errors)) for n in ("q", "o")]
+    flat = [e for pair in errors for e in pair]
+    return {"command": command, "eval": {"ppl": ppl}, "recipe": {"name": "r", "stages": stages},
+            "compression": {"layers": [{"name": n, "rel_error": e} for n, e in zip(names, flat)]}}
+
+
+def commit(repo, path, data, message):
+    path.write_text(json.dumps(data))
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], cwd=repo, check=True)
+
+
+def test_earlier_version_is_the_newest_with_the_same_command_and_another_perplexity(noise, tmp_path):
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    path = tmp_path / "r.json"
+    commit(tmp_path, path, report(90.0, [(0.1, 0.2)]), "oldest")
+    commit(tmp_path, path, report(95.0, [(0.1, 0.2)], command="slimkit compress default --recipe r --seed 1"),
+           "another command")
+    commit(tmp_path, path, report(100.0, [(0.1, 0.2)]), "same ppl as now")
+    path.write_text(json.dumps(report(100.0, [(0.1, 0.2)])))
+    assert noise.earlier_version(path, tmp_path)[1]["eval"]["ppl"] == 90.0
+    path.write_text(json.dumps(report(90.0, [(0.1, 0.2)])))
+    assert noise.earlier_version(path, tmp_path)[1]["eval"]["ppl"] == 100.0
+    never_committed = tmp_path / "new.json"
+    never_committed.write_text(json.dumps(report(1.0, [(0.1, 0.2)])))
+    assert noise.earlier_version(never_committed, tmp_path) is None
+
+
+def test_drift_finds_where_two_runs_part(noise):
+    then = report(100.0, [(0.1, 0.2), (0.3, 0.4), (0.5, 0.6)])
+    now = report(110.0, [(0.1 * (1 + 1e-8), 0.2 * (1 + 1e-5)), (0.3, 0.4 * (1 + 1e-4)), (0.5 * 1.01, 0.6)])
+    d = noise.drift(now, then)
+    assert d["first"] == pytest.approx(1e-8, rel=1e-3)
+    assert d["block0"] == pytest.approx(1e-5, rel=1e-3)
+    assert d["first_over"] == 2
+    assert noise.drift(now, now)["first_over"] is None
+    assert noise.drift(report(1.0, [(0.1, 0.2)]), then) is None  # not the same Linears
+
+
+def test_a_recipe_with_an_option_added_since_at_its_default_is_the_same_one_changed_is_not(noise):
+    old = report(100.0, [(0.1, 0.2)])
+    assert noise.same_recipe(report(90.0, [(0.1, 0.2)], stages=[STAGES[0] | {"weighted_search": False}]), old)
+    assert not noise.same_recipe(report(90.0, [(0.1, 0.2)], stages=[STAGES[0] | {"weighted_search": True}]), old)
+    assert not noise.same_recipe(report(90.0, [(0.1, 0.2)], stages=[STAGES[0] | {"bits": 3}]), old)
