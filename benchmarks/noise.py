@@ -50,17 +50,17 @@ def headline_runs() -> list[tuple[str, list[dict]]]:
     return out
 
 
-def earlier_version(path: Path, root: Path = ROOT) -> tuple[str, dict] | None:
-    """(its commit day, the report) of the newest committed version of a report that ran the same command
-    and gave another perplexity than the file as it is now, or None (never committed, no git, no such
-    version)."""
+def earlier_versions(path: Path, root: Path = ROOT) -> list[tuple[str, dict]]:
+    """(its commit day, the report) of each committed version of a report that ran the same command and
+    gave another perplexity than the file as it is now, oldest first (none: never committed, no git)."""
     now = json.loads(path.read_text())
     rel_path = str(path.resolve().relative_to(root.resolve()))
     try:
-        log = subprocess.run(["git", "log", "--format=%H %cs", "--", rel_path], cwd=root, capture_output=True,
-                             text=True).stdout.split("\n")
+        log = subprocess.run(["git", "log", "--reverse", "--format=%H %cs", "--", rel_path], cwd=root,
+                             capture_output=True, text=True).stdout.split("\n")
     except OSError:
-        return None
+        return []
+    found = []
     for line in filter(None, log):
         commit, day = line.split()
         shown = subprocess.run(["git", "show", f"{commit}:{rel_path}"], cwd=root, capture_output=True, text=True)
@@ -69,8 +69,8 @@ def earlier_version(path: Path, root: Path = ROOT) -> tuple[str, dict] | None:
         then = json.loads(shown.stdout)
         if (isinstance(then, dict) and then.get("command") == now.get("command")
                 and then.get("eval", {}).get("ppl") != now["eval"]["ppl"]):
-            return day, then
-    return None
+            found.append((day, then))
+    return found
 
 
 def same_recipe(now: dict, then: dict) -> bool:
@@ -113,16 +113,15 @@ def code_drift_rows() -> list[str]:
         report = json.loads(path.read_text())
         if not isinstance(report, dict) or "compression" not in report or "eval" not in report:
             continue
-        found = earlier_version(path)
-        if not found:
+        versions = [(day, then) for day, then in earlier_versions(path) if drift(report, then) is not None]
+        if not versions:
             continue
-        day, then = found
+        same = [(day, then) for day, then in versions if same_recipe(report, then)]
+        if not same:
+            redefined.append(f"`{path.stem}` (first Linear {drift(report, versions[-1][1])['first']:.0e})")
+            continue
+        day, then = same[0]
         d = drift(report, then)
-        if d is None:
-            continue
-        if not same_recipe(report, then):
-            redefined.append(f"`{path.stem}` (first Linear {d['first']:.0e})")
-            continue
         new_day = report.get("date") or committed_date(path) or "not committed"
         moved = (report["eval"]["ppl"] - then["eval"]["ppl"]) / then["eval"]["ppl"]
         rows.append(f"| `{path.stem}` | {day}: {then['eval']['ppl']:.2f} | {new_day}: {report['eval']['ppl']:.2f} "
@@ -131,15 +130,17 @@ def code_drift_rows() -> list[str]:
     if not rows:
         return []
     return ["", "The same command run again by later code with the same recipe stages, where the perplexity is "
-            "not the same float (the newest earlier version of each report in git that ran the same command). "
+            "not the same float (against the oldest version of each report in git that ran the same command). "
             "Columns: the relative difference between the two runs' output error of the first Linear (block 0's "
             "first projection: its calibration inputs, the normed embeddings of the same tokens, are the same in both runs), the largest over "
             "block 0's Linears, and the first block where some Linear's differs by more than 0.1%. The first Linear "
-            "agreeing to about 1e-6 or closer says the method computed the same thing in another floating-point "
-            "order (a changed method moves it by far more"
-            + (f": recipes redefined under the same name since, left out here: {', '.join(redefined)}" if redefined else "")
-            + "); a larger difference later in block 0 is consistent with that plus a rounding code or a 2:4 choice "
-            "flipped at a near-tie. The difference then grows through the blocks (each block is calibrated on the "
+            "sees the same inputs in both runs, so its difference is the arithmetic alone: about 1e-8 is summation "
+            "order; the recipes that run the OBS sweep (GPTQ, SparseGPT) show 1e-6 to 1e-5 because commit a2fcc6e "
+            "(2026-11-30, the device/dtype seam) inverts the sweep's Hessian in fp32 instead of fp64. A changed "
+            "method moves the first Linear by far more"
+            + (f" (recipes redefined under the same name since, left out here: {', '.join(redefined)})" if redefined else "")
+            + "). A larger difference later in block 0 than in its first Linear is consistent with a rounding code "
+            "or a 2:4 choice flipped at a near-tie. The difference then grows through the blocks (each block is calibrated on the "
             "outputs of the blocks before it), and the perplexity moves by an amount to compare with the recipe's "
             "seed spread above.", "",
             "| run | before | now | ppl moved | first Linear | block 0 | first block over 0.1% |",

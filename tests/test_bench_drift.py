@@ -32,7 +32,7 @@ def commit(repo, path, data, message):
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], cwd=repo, check=True)
 
 
-def test_earlier_version_is_the_newest_with_the_same_command_and_another_perplexity(noise, tmp_path):
+def test_earlier_versions_are_those_with_the_same_command_and_another_perplexity(noise, tmp_path):
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     path = tmp_path / "r.json"
     commit(tmp_path, path, report(90.0, [(0.1, 0.2)]), "oldest")
@@ -40,12 +40,12 @@ def test_earlier_version_is_the_newest_with_the_same_command_and_another_perplex
            "another command")
     commit(tmp_path, path, report(100.0, [(0.1, 0.2)]), "same ppl as now")
     path.write_text(json.dumps(report(100.0, [(0.1, 0.2)])))
-    assert noise.earlier_version(path, tmp_path)[1]["eval"]["ppl"] == 90.0
-    path.write_text(json.dumps(report(90.0, [(0.1, 0.2)])))
-    assert noise.earlier_version(path, tmp_path)[1]["eval"]["ppl"] == 100.0
+    assert [v["eval"]["ppl"] for _, v in noise.earlier_versions(path, tmp_path)] == [90.0]
+    path.write_text(json.dumps(report(80.0, [(0.1, 0.2)])))
+    assert [v["eval"]["ppl"] for _, v in noise.earlier_versions(path, tmp_path)] == [90.0, 100.0]
     never_committed = tmp_path / "new.json"
     never_committed.write_text(json.dumps(report(1.0, [(0.1, 0.2)])))
-    assert noise.earlier_version(never_committed, tmp_path) is None
+    assert noise.earlier_versions(never_committed, tmp_path) == []
 
 
 def test_drift_finds_where_two_runs_part(noise):
