@@ -9,7 +9,9 @@ its rotated, act-ordered, weighted-search form; their seeds 0, 1, 2 at this mach
 thread count are the frontier's own runs (benchmarks/levers.py), and seed 0 is run again with
 OMP_NUM_THREADS=1: the same calibration tokens, only the summation order of the matrix products
 changes. The section states the larger relative spread as the floor under which a difference in
-perplexity between two single runs on this model is a tie.
+perplexity between two single runs on this model is a tie. Last, for every report that git holds an
+older version of (same command, same recipe stages, another perplexity), where the two runs part
+Linear by Linear and how far perplexity moved: code changes against floating-point order.
 """
 from __future__ import annotations
 
@@ -57,13 +59,14 @@ def earlier_versions(path: Path, root: Path = ROOT) -> list[tuple[str, dict]]:
     rel_path = str(path.resolve().relative_to(root.resolve()))
     try:
         log = subprocess.run(["git", "log", "--reverse", "--format=%H %cs", "--", rel_path], cwd=root,
-                             capture_output=True, text=True).stdout.split("\n")
+                             capture_output=True, text=True, check=False).stdout.split("\n")
     except OSError:
         return []
     found = []
     for line in filter(None, log):
         commit, day = line.split()
-        shown = subprocess.run(["git", "show", f"{commit}:{rel_path}"], cwd=root, capture_output=True, text=True)
+        shown = subprocess.run(["git", "show", f"{commit}:{rel_path}"], cwd=root, capture_output=True, text=True,
+                               check=False)
         if shown.returncode:
             continue
         then = json.loads(shown.stdout)
@@ -105,9 +108,9 @@ def drift(now: dict, then: dict, threshold: float = 1e-3) -> dict | None:
 
 
 def code_drift_rows() -> list[str]:
-    """A table of the seed-0 runs made again by later code with another perplexity: where the two runs
-    part (block 0's Linears agreeing to rounding means the method's arithmetic did not change, only its
-    order), and how far perplexity moved."""
+    """A table of the runs made again by later code with another perplexity: where the two runs part (the
+    first Linear agreeing to rounding means the method's arithmetic did not change, only its order) and how
+    far perplexity moved."""
     rows, redefined, order_only = [], [], []
     for path in sorted(REPORTS.glob("*.json")):
         report = json.loads(path.read_text())
