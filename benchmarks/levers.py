@@ -248,13 +248,13 @@ def frontier_plot(path: Path, runs_by_budget: dict[str, dict[str, list[dict]]]) 
         peers = {c: [p["eval"]["kl"] for p in rs] for c, rs in peer_runs(budget).items()}
         peer = min(peers.values(), key=statistics.mean) if peers else None
         b, g, sym = BUDGETS[budget]
-        groups.append(f"{'2:4 + ' if budget in SPARSE else ''}W{b} g{g}{' sym' if sym else ''}\n{limit:.3f} bits/weight")
+        groups.append(f"{'2:4 + ' if budget in SPARSE else ''}W{b} g{g}{' sym' if sym else ''}\n{limit:.3f}\nbits/weight")
         for key, values in zip(bars, (kl[same], kl[best], peer)):
             bars[key].append(values)
     if not groups:
         return False
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(groups)), 4.8), dpi=100)
     width = 0.8 / len(bars)
     for j, (label, per_group) in enumerate(bars.items()):
         xs = [i + (j - 1) * width for i, v in enumerate(per_group) if v]
