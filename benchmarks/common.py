@@ -74,6 +74,12 @@ def row(label: str, r: dict) -> dict:
             "date": r.get("date")}
 
 
+def shared_mark(recipe: str, report: dict, shared_runs: dict[str, str]) -> str:
+    """" †" when this report is the run that ``shared_runs`` names (recipe -> the day of a run whose wall
+    time was taken while another job shared the cores), else "": a later run of the recipe is not marked."""
+    return " †" if recipe in shared_runs and report.get("date") == shared_runs[recipe] else ""
+
+
 def table(rows: list[dict]) -> str:
     """ppl, KL, bits, time and RSS of each row's seed-0 run; rows run on several seeds add a last column
     with their perplexity's mean and range (see with_seeds)."""

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from common import (SEEDS, command_lines, compress_run, finished, machine, row, section_plot, seed_ppls, table,
-                    with_seeds, write_section)
+from common import (SEEDS, command_lines, compress_run, finished, machine, row, section_plot, seed_ppls,
+                    shared_mark, table, with_seeds, write_section)
 
 CONFIGS = [
     ("RTN W4 per-channel (asym)", "rtn-w4-channel"),
@@ -31,8 +31,10 @@ CONFIGS = [
 ]
 
 
-# runs whose wall time was taken while another job (the test suite, a smoke run) shared the 2 cores
-SHARED_MACHINE = {"wanda-2of4", "wanda-2of4-rtn-w4", "rtn-w4-channel", "rtn-w4-g64"}
+# runs whose wall time was taken while another job (the test suite, a smoke run) shared the 2 cores:
+# recipe -> the day of that run (a later run of the recipe is not marked)
+SHARED_MACHINE = {"wanda-2of4": "2026-11-24", "wanda-2of4-rtn-w4": "2026-11-24", "rtn-w4-channel": "2026-11-24",
+                  "rtn-w4-g64": "2026-11-24"}
 
 # the rows that claims rest on (GPTQ, the README's first command): also run with seeds 1 and 2
 HEADLINE = ["gptq-w4-g64", "sparsegpt-2of4-gptq-w4"]
@@ -72,7 +74,7 @@ def main():
     rows = []
     for label, recipe in CONFIGS:
         if recipe in reports:
-            r = row(label + (" †" if recipe in SHARED_MACHINE else ""), reports[recipe])
+            r = row(label + shared_mark(recipe, reports[recipe], SHARED_MACHINE), reports[recipe])
             rows.append(with_seeds(r, recipe, run_missing=not args.finished_only, fresh=args.fresh)
                         if recipe in HEADLINE else r)
     missing = [label for label, recipe in CONFIGS if recipe not in reports]

@@ -116,15 +116,14 @@ def code_drift_rows() -> list[str]:
         report = json.loads(path.read_text())
         if not isinstance(report, dict) or "compression" not in report or "eval" not in report:
             continue
-        versions = [(day, then) for day, then in earlier_versions(path) if drift(report, then) is not None]
+        versions = [(day, then, d) for day, then in earlier_versions(path) if (d := drift(report, then))]
         if not versions:
             continue
-        same = [(day, then) for day, then in versions if same_recipe(report, then)]
+        same = [(day, then, d) for day, then, d in versions if same_recipe(report, then)]
         if not same:
-            redefined.append(f"`{path.stem}` (first Linear {drift(report, versions[-1][1])['first']:.0e})")
+            redefined.append(f"`{path.stem}` (first Linear {versions[-1][2]['first']:.0e})")
             continue
-        day, then = same[0]
-        d = drift(report, then)
+        day, then, d = same[0]
         new_day = report.get("date") or committed_date(path) or "not committed"
         moved = (report["eval"]["ppl"] - then["eval"]["ppl"]) / then["eval"]["ppl"]
         if d["first"] < 1e-7:

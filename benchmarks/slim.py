@@ -14,7 +14,7 @@ import argparse
 import statistics
 
 from common import (ROOT, RUNS, SEEDS, TASK, command_lines, compress_run, kept_model, machine, row, section_plot,
-                    seed_ppls, seeds_column, spread, task_score, verdict, with_seeds, write_section)
+                    seed_ppls, seeds_column, shared_mark, spread, task_score, verdict, with_seeds, write_section)
 
 SETTINGS = {
     "2:4": [
@@ -110,8 +110,7 @@ def main():
             score = None
             if setting == "2:4":
                 report, score = scored(recipe, report, args.tasks and not args.finished_only)
-            shared = SHARED_MACHINE.get(recipe) == report.get("date") is not None
-            r = row(label + (" †" if shared else ""), report)
+            r = row(label + shared_mark(recipe, report, SHARED_MACHINE), report)
             if setting == "2:4" and recipe in HEADLINE:
                 r = with_seeds(r, recipe, run_missing=not args.finished_only, fresh=args.fresh)
             rows.append(r | {"recipe": recipe, "report": report, "task": score})
