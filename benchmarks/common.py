@@ -67,7 +67,7 @@ def committed_date(path: Path) -> str | None:
 
 def row(label: str, r: dict) -> dict:
     ev, comp = r["eval"], r["compression"]
-    seconds = comp["timings"]["total"] + (r.get("finetune") or {}).get("seconds", 0.0)
+    seconds = run_seconds(r)
     return {"label": label, "ppl": ev["ppl"], "kl": ev["kl"], "bpw": comp["bits_per_weight"],
             "time": seconds, "rss": r["peak_rss_compress_mb"], "dense_ppl": ev["ref_ppl"],
             "command": r["command"], "timings": comp["timings"], "finetune": r.get("finetune"),
@@ -78,6 +78,53 @@ def shared_mark(recipe: str, report: dict, shared_runs: dict[str, str]) -> str:
     """" †" when this report is the run that ``shared_runs`` names (recipe -> the day of a run whose wall
     time was taken while another job shared the cores), else "": a later run of the recipe is not marked."""
     return " †" if recipe in shared_runs and report.get("date") == shared_runs[recipe] else ""
+
+
+def run_seconds(report: dict) -> float:
+    """A report's compression time as the tables show it (fine-tuning included)."""
+    return report["compression"]["timings"]["total"] + (report.get("finetune") or {}).get("seconds", 0.0)
+
+
+def shared_vs_alone(shared_runs: dict[str, str], root: Path = ROOT) -> list[tuple[str, float, float]]:
+    """(recipe, seconds of its run on the shared day, seconds of its current run) for each recipe of
+    ``shared_runs`` run again since, on another day, with the same command: what sharing the cores cost,
+    measured (the shared run is the version of the report that git last committed on that day)."""
+    out = []
+    for recipe, day in shared_runs.items():
+        path = root / "benchmarks" / "reports" / f"{recipe.replace('/', '_')}.json"
+        if not path.is_file():
+            continue
+        now = json.loads(path.read_text())
+        if (now.get("date") or committed_date(path)) == day:
+            continue
+        rel = str(path.resolve().relative_to(root.resolve()))
+        try:
+            log = subprocess.run(["git", "log", "--format=%H %cs", "--", rel], cwd=root, capture_output=True,
+                                 text=True, check=False).stdout.split()
+        except OSError:
+            continue
+        commit = next((c for c, d in zip(log[::2], log[1::2]) if d == day), None)  # newest first
+        shown = commit and subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=root, capture_output=True,
+                                          text=True, check=False)
+        if not shown or shown.returncode:
+            continue
+        then = json.loads(shown.stdout)
+        if then.get("command") == now.get("command"):
+            out.append((recipe, run_seconds(then), run_seconds(now)))
+    return out
+
+
+def shared_note(rows: list[dict], shared_runs: dict[str, str]) -> list[str]:
+    """The footnote for the rows marked †, with what sharing cost the recipes run again alone since
+    (nothing when no row is marked)."""
+    if not any("†" in r["label"] for r in rows):
+        return []
+    again = shared_vs_alone(shared_runs)
+    cost = ("; of the recipes run again alone since, " + ", ".join(f"`{n}` took {a:.0f} s instead of {s:.0f} s ({s / a:.1f}x)"
+                                                  for n, s, a in again)) if again else ""
+    return [f"† wall time taken while another job (the test suite, a smoke run or another benchmark) shared the "
+            f"2 cores, so the time is inflated{cost}; perplexity, KL, bits and RSS are unaffected. "
+            f"`--fresh` on an idle machine gives a clean time.", ""]
 
 
 def table(rows: list[dict]) -> str:

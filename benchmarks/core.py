@@ -13,7 +13,7 @@ import argparse
 import statistics
 
 from common import (SEEDS, command_lines, compress_run, finished, machine, row, section_plot, seed_ppls,
-                    shared_mark, table, with_seeds, write_section)
+                    shared_mark, shared_note, table, with_seeds, write_section)
 
 CONFIGS = [
     ("RTN W4 per-channel (asym)", "rtn-w4-channel"),
@@ -105,9 +105,7 @@ def main():
         "",
         *not_run,
         *seed_note(joint),
-        "† timed while another job (the test suite or a smoke run) used the same 2 cores: the time is "
-        "inflated; quality is unaffected.",
-        "",
+        *shared_note(rows, SHARED_MACHINE),
         f"Where the time of SparseGPT 2:4 + GPTQ W4 went ({t['total']:.0f} s): "
         f"statistics forward (with Hessians) {t['stats_forward']:.0f} s, "
         f"OBS sweeps {t['stages']:.0f} s, next-input forward {t['next_forward']:.0f} s, "

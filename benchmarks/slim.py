@@ -14,7 +14,7 @@ import argparse
 import statistics
 
 from common import (ROOT, RUNS, SEEDS, TASK, command_lines, compress_run, kept_model, machine, row, section_plot,
-                    seed_ppls, seeds_column, shared_mark, spread, task_score, verdict, with_seeds, write_section)
+                    seed_ppls, seeds_column, shared_mark, shared_note, spread, task_score, verdict, with_seeds, write_section)
 
 SETTINGS = {
     "2:4": [
@@ -122,10 +122,7 @@ def main():
                  gap_table(rows, dense, dense_task if setting == "2:4" else None), ""]
         if setting == "2:4":
             body += task_note(rows, dense_task)
-        if any("†" in r["label"] for r in rows):
-            body += ["† wall time taken while another job shared the 2 cores (up to ~1.8x slower: "
-                     "SparseGPT+GPTQ W4 g64 took 475 s alone in the core benchmark); ppl, KL, bits and RSS "
-                     "are unaffected. Rerun with `--fresh` on an idle machine for a clean speed comparison.", ""]
+        body += shared_note(rows, SHARED_MACHINE)
         ft = [r for r in rows if r["finetune"]]
         for r in ft:
             loss = r["finetune"]["loss"]

@@ -64,3 +64,27 @@ def test_a_recipe_with_an_option_added_since_at_its_default_is_the_same_one_chan
     assert noise.same_recipe(report(90.0, [(0.1, 0.2)], stages=[STAGES[0] | {"weighted_search": False}]), old)
     assert not noise.same_recipe(report(90.0, [(0.1, 0.2)], stages=[STAGES[0] | {"weighted_search": True}]), old)
     assert not noise.same_recipe(report(90.0, [(0.1, 0.2)], stages=[STAGES[0] | {"bits": 3}]), old)
+
+
+def timed(seconds, day, command="slimkit compress default --recipe r"):
+    return {"command": command, "date": day, "compression": {"timings": {"total": seconds}}}
+
+
+def test_shared_vs_alone_measures_what_sharing_the_cores_cost(noise, tmp_path, monkeypatch):
+    import common
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "benchmarks" / "reports").mkdir(parents=True)
+    path = tmp_path / "benchmarks" / "reports" / "r.json"
+    monkeypatch.setenv("GIT_COMMITTER_DATE", "2026-11-20T12:00:00")
+    commit(tmp_path, path, timed(100.0, "2026-11-20"), "before the shared day")
+    monkeypatch.setenv("GIT_COMMITTER_DATE", "2026-11-24T12:00:00")
+    commit(tmp_path, path, timed(900.0, "2026-11-24"), "the shared run")
+    assert common.shared_vs_alone({"r": "2026-11-24"}, tmp_path) == []  # not run again yet
+    monkeypatch.setenv("GIT_COMMITTER_DATE", "2026-12-01T12:00:00")
+    commit(tmp_path, path, timed(300.0, "2026-12-01") | {"finetune": {"seconds": 50.0}}, "alone")
+    assert common.shared_vs_alone({"r": "2026-11-24"}, tmp_path) == [("r", 900.0, 350.0)]
+    assert common.shared_vs_alone({"r": "2026-11-23", "absent": "2026-11-24"}, tmp_path) == []
+    commit(tmp_path, path, timed(300.0, "2026-12-01", command="slimkit compress default --recipe r --seed 1"), "other")
+    assert common.shared_vs_alone({"r": "2026-11-24"}, tmp_path) == []
+    note = common.shared_note([{"label": "row †"}], {})
+    assert note and "†" in note[0] and common.shared_note([{"label": "row"}], {"r": "2026-11-24"}) == []
