@@ -32,6 +32,7 @@ from ..methods.base import (DENSE_CROSS, HESSIAN, INPUT_SAMPLE, SAMPLE_ROWS, Blo
 from ..methods.rtn import RTN
 from ..models.experts import UnfusedExperts, is_fused_experts
 from ..models.layout import ModelLayout, ResidentBlocks
+from ..ops.reduce import all_finite, sum_squares
 from ..recipe import Recipe
 from .checkpoint import Checkpoint
 from .device import Placement, bound_host_heap, free_device_memory, release_host_memory, to_device
@@ -231,7 +232,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
     inputs, kwargs_by_block = capture_inputs(model, [source.peek(j) for j in range(len(source))],
                                              calib_ids, batch_size)
     timings["capture"] += time.perf_counter() - t
-    if dist.any_true(not torch.isfinite(inputs).all()):  # every worker raises, none waits in a collective
+    if dist.any_true(not all_finite(inputs)):  # every worker raises, none waits in a collective
         raise NumericalError("the embeddings of the calibration data contain NaN/Inf")
     inputs = activation_buffer(activations, "a", place_activations(inputs, placement, activations))
     dense_out = activation_buffer(activations, "b", inputs, copy=False)
@@ -287,7 +288,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         prefix = source.block_prefix(i)
         stored = {n: home.get(n[len(prefix):] + ".weight", (None, placement.storage))[1] for n in linears}
         for name, p in block.named_parameters():  # before any forward spreads it: name the tensor
-            if not torch.isfinite(p).all():
+            if not all_finite(p):
                 raise NumericalError(f"block {i}: {layout.blocks_path}.{i}.{name} of the input model contains NaN/Inf")
 
         # 1. one forward with the original weights: statistics + dense outputs
@@ -329,7 +330,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
                     state = stage.run(state, stats.get(name))
             for sname, sec in state.notes.get("seconds", {}).items():
                 timings[f"stage:{sname}"] += sec
-            if not torch.isfinite(state.weight).all():
+            if not all_finite(state.weight):
                 raise NumericalError(f"block {i}: {name} became NaN/Inf after compression")
             originals[name] = state.original
             lin.weight.data.copy_(placement.as_stored(state.effective_weight(), stored[name]))
@@ -351,7 +352,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
             run_block(block, inputs, kwargs_list, batch_size, out=next_in, on_batch=probe.new_batch,
                       device=dev, dtype=cdt)
         timings["next_forward"] += time.perf_counter() - t
-        if dist.any_true(not torch.isfinite(next_in).all()):
+        if dist.any_true(not all_finite(next_in)):
             raise NumericalError(f"block {i} produces NaN/Inf outputs after compression")
         rel = probe.relative()
         block_layers: list[LayerReport] = []
@@ -369,8 +370,7 @@ def compress_model(model: nn.Module, layout: ModelLayout, recipe: Recipe, calib_
         del states, originals
         layers += block_layers
 
-        sq = dist.all_reduce_sum(torch.stack([(next_in - dense_out).double().square().sum(),
-                                              dense_out.double().square().sum()]))
+        sq = dist.all_reduce_sum(torch.stack([sum_squares(next_in - dense_out), sum_squares(dense_out)]))
         err = (sq[0] / sq[1].clamp_min(1e-60)).sqrt().item()
         experts.refuse()  # the compressed expert weights go back into the fused tensors
         t = time.perf_counter()

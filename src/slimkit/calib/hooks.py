@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import dist
 from ..methods.base import LinearStats
+from ..ops.reduce import sum_squares
 from .device import to_device
 
 
@@ -245,8 +246,8 @@ class ErrorProbe:
             x = args[0]
             w = self.originals[name]
             y = F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), module.bias)
-            self.err[name] += (output - y).square().sum(dtype=torch.float64)
-            self.ref[name] += y.square().sum(dtype=torch.float64)
+            self.err[name] += sum_squares(output - y)
+            self.ref[name] += sum_squares(y)
         return fn
 
     def attach(self):

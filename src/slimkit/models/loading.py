@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError, NumericalError, first_line
+from ..ops.reduce import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,10 @@ def nonfinite_kinds(t: torch.Tensor, chunk: int = CHUNK_ELEMENTS) -> set[str]:
     for start in range(0, flat.numel(), chunk):
         piece = flat[start:start + chunk]
         try:
-            ok = bool(torch.isfinite(piece).all())
+            ok = all_finite(piece)
         except (RuntimeError, TypeError):  # a dtype without isfinite on this device (e.g. float8)
             piece = piece.float()
-            ok = bool(torch.isfinite(piece).all())
+            ok = all_finite(piece)
         if not ok:
             kinds |= {"NaN"} if bool(torch.isnan(piece).any()) else set()
             kinds |= {"Inf"} if bool(torch.isinf(piece).any()) else set()
