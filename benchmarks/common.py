@@ -85,6 +85,24 @@ def run_seconds(report: dict) -> float:
     return report["compression"]["timings"]["total"] + (report.get("finetune") or {}).get("seconds", 0.0)
 
 
+def committed_versions(path: Path, root: Path = ROOT) -> list[tuple[str, dict]]:
+    """(commit day, the report) of each version of a report that git committed, oldest first (none: never
+    committed, no git)."""
+    rel = str(path.resolve().relative_to(root.resolve()))
+    try:
+        log = subprocess.run(["git", "log", "--reverse", "--format=%H %cs", "--", rel], cwd=root,
+                             capture_output=True, text=True, check=False).stdout.split()
+    except OSError:
+        return []
+    out = []
+    for commit, day in zip(log[::2], log[1::2]):
+        shown = subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=root, capture_output=True, text=True,
+                               check=False)
+        if not shown.returncode:
+            out.append((day, json.loads(shown.stdout)))
+    return out
+
+
 def shared_vs_alone(shared_runs: dict[str, str], root: Path = ROOT) -> list[tuple[str, float, float]]:
     """(recipe, seconds of its run on the shared day, seconds of its current run) for each recipe of
     ``shared_runs`` run again since, on another day, with the same command: what sharing the cores cost,
@@ -97,20 +115,9 @@ def shared_vs_alone(shared_runs: dict[str, str], root: Path = ROOT) -> list[tupl
         now = json.loads(path.read_text())
         if (now.get("date") or committed_date(path)) == day:
             continue
-        rel = str(path.resolve().relative_to(root.resolve()))
-        try:
-            log = subprocess.run(["git", "log", "--format=%H %cs", "--", rel], cwd=root, capture_output=True,
-                                 text=True, check=False).stdout.split()
-        except OSError:
-            continue
-        commit = next((c for c, d in zip(log[::2], log[1::2]) if d == day), None)  # newest first
-        shown = commit and subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=root, capture_output=True,
-                                          text=True, check=False)
-        if not shown or shown.returncode:
-            continue
-        then = json.loads(shown.stdout)
-        if then.get("command") == now.get("command"):
-            out.append((recipe, run_seconds(then), run_seconds(now)))
+        then = [r for d, r in committed_versions(path, root) if d == day]
+        if then and then[-1].get("command") == now.get("command"):
+            out.append((recipe, run_seconds(then[-1]), run_seconds(now)))
     return out
 
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 from pathlib import Path
 
 import core
 import slim
 import slim_llm
-from common import REPORTS, ROOT, SEEDS, committed_date, compress_run, finished, machine, row, seed_tag, write_section
+from common import (REPORTS, ROOT, SEEDS, committed_date, committed_versions, compress_run, finished, machine, row,
+                    seed_tag, write_section)
 from levers import recipe_file, tag
 
 BUDGET = "w3g64"
@@ -56,24 +56,9 @@ def earlier_versions(path: Path, root: Path = ROOT) -> list[tuple[str, dict]]:
     """(its commit day, the report) of each committed version of a report that ran the same command and
     gave another perplexity than the file as it is now, oldest first (none: never committed, no git)."""
     now = json.loads(path.read_text())
-    rel_path = str(path.resolve().relative_to(root.resolve()))
-    try:
-        log = subprocess.run(["git", "log", "--reverse", "--format=%H %cs", "--", rel_path], cwd=root,
-                             capture_output=True, text=True, check=False).stdout.split("\n")
-    except OSError:
-        return []
-    found = []
-    for line in filter(None, log):
-        commit, day = line.split()
-        shown = subprocess.run(["git", "show", f"{commit}:{rel_path}"], cwd=root, capture_output=True, text=True,
-                               check=False)
-        if shown.returncode:
-            continue
-        then = json.loads(shown.stdout)
-        if (isinstance(then, dict) and then.get("command") == now.get("command")
-                and then.get("eval", {}).get("ppl") != now["eval"]["ppl"]):
-            found.append((day, then))
-    return found
+    return [(day, then) for day, then in committed_versions(path, root)
+            if isinstance(then, dict) and then.get("command") == now.get("command")
+            and then.get("eval", {}).get("ppl") != now["eval"]["ppl"]]
 
 
 def same_recipe(now: dict, then: dict) -> bool:
