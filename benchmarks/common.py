@@ -40,6 +40,8 @@ def compress_run(recipe: str, tag: str | None = None, extra: list[str] = (), fre
             report["date"] = committed_date(report_path)
         return report
     shutil.rmtree(out, ignore_errors=True)
+    from slimkit.api import partial_dir  # an unfinished earlier run of this output is not resumed: fresh means fresh
+    shutil.rmtree(partial_dir(out), ignore_errors=True)
     RUNS.mkdir(parents=True, exist_ok=True)
     print(f"[{time.strftime('%H:%M:%S')}] {command}", flush=True)
     subprocess.run(SLIMKIT + args, cwd=ROOT, check=True, env=os.environ | (env or {}))
@@ -71,7 +73,7 @@ def row(label: str, r: dict) -> dict:
     return {"label": label, "ppl": ev["ppl"], "kl": ev["kl"], "bpw": comp["bits_per_weight"],
             "time": seconds, "rss": r["peak_rss_compress_mb"], "dense_ppl": ev["ref_ppl"],
             "command": r["command"], "timings": comp["timings"], "finetune": r.get("finetune"),
-            "date": r.get("date")}
+            "date": r.get("date"), "threads": r.get("threads")}
 
 
 def shared_mark(recipe: str, report: dict, shared_runs: dict[str, str]) -> str:
@@ -121,16 +123,18 @@ def shared_vs_alone(shared_runs: dict[str, str], root: Path = ROOT) -> list[tupl
     return out
 
 
-def shared_note(rows: list[dict], shared_runs: dict[str, str]) -> list[str]:
+SHARED_WHY = "while another job (the test suite, a smoke run or another benchmark) shared the 2 cores"
+
+
+def shared_note(rows: list[dict], shared_runs: dict[str, str], why: str = SHARED_WHY) -> list[str]:
     """The footnote for the rows marked †, with what sharing cost the recipes run again alone since
-    (nothing when no row is marked)."""
+    (nothing when no row is marked); ``why``: how the marked runs shared the cores."""
     if not any("†" in r["label"] for r in rows):
         return []
     again = shared_vs_alone(shared_runs)
     cost = ("; of the recipes run again alone since, " + ", ".join(f"`{n}` took {a:.0f} s instead of {s:.0f} s ({s / a:.1f}x)"
                                                   for n, s, a in again)) if again else ""
-    return [f"† wall time taken while another job (the test suite, a smoke run or another benchmark) shared the "
-            f"2 cores, so the time is inflated{cost}; perplexity, KL, bits and RSS are unaffected. "
+    return [f"† wall time taken {why}, so the time is inflated{cost}; perplexity, KL, bits and RSS are unaffected. "
             f"`--fresh` on an idle machine gives a clean time.", ""]
 
 
@@ -181,16 +185,25 @@ def section_plot(name: str, rows: list[dict], dense_ppl: float, what: str) -> li
 
 
 def machine(rows: list[dict] | None = None) -> str:
-    """This machine, and the day of the runs: given rows, the span of their reports' dates (a
-    section regenerated from older reports keeps their day), else today."""
+    """This machine, and the day and threads of the runs: given rows, the span of their reports' dates (a
+    section regenerated from older reports keeps their day) and the thread counts their reports recorded,
+    else today and this process's threads."""
     import platform
 
     import torch
     dates = sorted({d for r in rows or () for d in [r.get("date"), *r.get("seed_dates", ())] if d})
     dates = dates or [time.strftime("%Y-%m-%d")]  # unknown: today
     when = dates[0] if len(dates) == 1 else f"runs of {dates[0]} to {dates[-1]}"
+    known = sorted({r["threads"] for r in rows or () if r.get("threads")})
+    if not rows:
+        threads = f"{torch.get_num_threads()} threads"
+    elif not known:
+        threads = "threads not recorded"
+    else:
+        threads = f"{' / '.join(map(str, known))} threads" + (
+            " where recorded" if any(not r.get("threads") for r in rows) else "")
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, fp32, {when}")
+            f"{threads}, fp32, {when}")
 
 
 def write_section(name: str, body: str) -> None:

@@ -19,12 +19,19 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from common import REPORTS, RUNS, command_lines, compress_run, finished, machine, write_section
+from common import REPORTS, RUNS, command_lines, compress_run, finished, machine, shared_mark, shared_note, write_section
 
 SYNTH = RUNS / "synthetic"
 SMALL = dict(hidden=1024, inter=2816, heads=16, kv=4)  # 11.0 M parameters per block
 LARGE = dict(hidden=4096, inter=11008, heads=32, kv=32)  # LLaMA-7B's block: 202 M parameters
 
+
+# the runs of 2026-11-24 were timed while the SLiM benchmark shared the two cores (tag -> that day); a later run
+# of the same command is not marked
+SHARED_MACHINE = {f"memory-llama-{shape}-rtn-w4-g64-{mode}": "2026-11-24"
+                  for shape, mode in (("1024x4", "eager"), ("1024x32", "eager"), ("1024x4", "low"), ("1024x32", "low"),
+                                      ("4096x32", "low"))}
+SHARED_WHY = "while the SLiM benchmark shared the 2 cores"
 
 SIZES = REPORTS / "memory-sizes.json"  # fp32 GiB of each synthetic model (tracked, like the reports)
 
@@ -83,30 +90,33 @@ def run(model_dir, blocks: int, recipe: str, low: bool, calib: list[str], fresh:
     extra = ["--no-eval", *calib] + (["--low-memory"] if low else [])
     r = compress_run(recipe, tag=tag, extra=extra, fresh=fresh, model=str(model_dir.relative_to(RUNS.parent.parent)))
     c = r["compression"]
-    return {"label": f"{model_dir.name}: {recipe}, {'--low-memory' if low else 'in memory'}", "blocks": blocks,
+    mark = shared_mark(tag, r, SHARED_MACHINE)
+    return {"label": f"{model_dir.name}: {recipe}, {'--low-memory' if low else 'in memory'}{mark}", "blocks": blocks,
             "rss": r["peak_rss_compress_mb"], "time": c["timings"]["total"], "command": r["command"],
-            "bpw": c["bits_per_weight"]}
+            "bpw": c["bits_per_weight"], "date": r.get("date"), "threads": r.get("threads"), "mark": mark}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--fresh", nargs="?", const="all", choices=["all", "small", "large"],
+                    help="run again: every model (the default), only the 4- and 32-block ones, or only the large one")
     ap.add_argument("--large", action="store_true")
     args = ap.parse_args()
+    fresh_small, fresh_large = args.fresh in ("all", "small"), args.fresh in ("all", "large")
     tags = lambda name: [f"memory-{name}-rtn-w4-g64-{m}" for m in ("eager", "low")]  # noqa: E731
     sizes = {b: make_model(SYNTH / f"llama-1024x{b}", b, **SMALL,
-                           needed=args.fresh or not all(finished("", t) for t in tags(f"llama-1024x{b}")))
+                           needed=fresh_small or not all(finished("", t) for t in tags(f"llama-1024x{b}")))
              for b in (4, 32)}
     rows = []
     recipe, calib = "rtn-w4-g64", ["--nsamples", "8", "--seqlen", "512"]
     for low in (False, True):
-        pair = [run(SYNTH / f"llama-1024x{b}", b, recipe, low, calib, args.fresh) for b in (4, 32)]
+        pair = [run(SYNTH / f"llama-1024x{b}", b, recipe, low, calib, fresh_small) for b in (4, 32)]
         rows.append((recipe, low, calib, pair))
     lines = ["## Peak memory against depth (issue 7)", "",
              "Synthetic random LLaMA models of equal width (hidden 1024, MLP 2816, 16 heads / 4 KV heads, "
              f"vocabulary 49,152 untied): 4 blocks = {sizes[4]:.2f} GiB of fp32 weights, 32 blocks = "
              f"{sizes[32]:.2f} GiB. Peak RSS of the compressing process (load + compress + save, no eval). "
-             f"Machine: {machine()}.", "",
+             f"Machine: {machine([r for *_, pair in rows for r in pair])}.", "",
              "Regenerate: `python benchmarks/memory.py --fresh` (add `--large` for the > 24 GiB model).", "",
              "| recipe | mode | calibration | peak RSS, 4 blocks (MiB) | peak RSS, 32 blocks (MiB) | ratio 32/4 | "
              "slope (MiB/block) | time 4 / 32 blocks (s) |", "|---|---|---|---|---|---|---|---|"]
@@ -114,16 +124,16 @@ def main():
     for recipe, low, calib, (a, b) in rows:
         lines.append(f"| {recipe} | {'--low-memory' if low else 'in memory'} | {' '.join(calib)} | {a['rss']:.0f} | "
                      f"{b['rss']:.0f} | {b['rss'] / a['rss']:.2f} | {(b['rss'] - a['rss']) / 28:.1f} | "
-                     f"{a['time']:.0f} / {b['time']:.0f} |")
+                     f"{a['time']:.0f}{a['mark']} / {b['time']:.0f}{b['mark']} |")
         cmd_rows += [a, b]
     if args.large:
         gib = make_model(SYNTH / "llama-4096x32", 32, **LARGE,
-                         needed=args.fresh or not finished("", "memory-llama-4096x32-rtn-w4-g64-low"))
-        big = run(SYNTH / "llama-4096x32", 32, "rtn-w4-g64", True, ["--nsamples", "2", "--seqlen", "128"], args.fresh)
+                         needed=fresh_large or not finished("", "memory-llama-4096x32-rtn-w4-g64-low"))
+        big = run(SYNTH / "llama-4096x32", 32, "rtn-w4-g64", True, ["--nsamples", "2", "--seqlen", "128"], fresh_large)
         lines += ["", f"A LLaMA-7B-shaped model (hidden 4096, MLP 11008, 32 blocks, vocabulary 49,152 untied): "
                       f"**{gib:.1f} GiB of fp32 weights**, more than this machine's 24 GiB of RAM, compressed with "
                       f"RTN W4 g64 and `--low-memory` at a peak RSS of **{big['rss'] / 1024:.2f} GiB** in "
-                      f"{big['time']:.0f} s (2 x 128 probe tokens). What the peak holds: the shell (embedding "
+                      f"{big['time']:.0f} s{big['mark']} (2 x 128 probe tokens, a run of {big['date']}). What the peak holds: the shell (embedding "
                       "and head, 1.5 GiB in fp32, plus block 0), the block being compressed and the copy it "
                       "is filled into (0.75 GiB each), and the working copies of a Linear under RTN; none of "
                       "it depends on the depth. The synthetic model is deleted after the run "
@@ -131,9 +141,9 @@ def main():
         cmd_rows.append(big)
         shutil.rmtree(RUNS / "memory-llama-4096x32-rtn-w4-g64-low", ignore_errors=True)  # 27 GB of output
         shutil.rmtree(SYNTH / "llama-4096x32", ignore_errors=True)  # and 26 GB of input
-    lines += ["", "Times were taken while the SLiM benchmark shared the two cores; the RSS figures are "
-              "unaffected. In the commands, the options after `-q` override the defaults before it "
-              "(argparse keeps the last value).", ""] + command_lines(cmd_rows)
+    lines += ["", *shared_note(cmd_rows, SHARED_MACHINE, SHARED_WHY),
+              "In the commands, the options after `-q` override the defaults before it (argparse keeps the last "
+              "value).", ""] + command_lines(cmd_rows)
     write_section("memory", "\n".join(lines))
 
 

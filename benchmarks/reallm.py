@@ -17,8 +17,9 @@ import argparse
 import math
 from collections import Counter
 
-from common import RUNS, command_lines, compress_run, machine, row, section_plot, table, write_section
-from slim_llm import CALIB, tag as calib_tag
+from common import (REPORTS, RUNS, command_lines, committed_date, compress_run, machine, row, section_plot, shared_mark,
+                    shared_note, table, write_section)
+from slim_llm import CALIB, SHARED_MACHINE, SHARED_WHY, tag as calib_tag
 
 from slimkit.recipe import builtin_recipes
 
@@ -54,7 +55,6 @@ def decoder_probe(fresh: bool) -> list[dict]:
     import time
 
     import torch
-    from common import REPORTS
 
     from slimkit.methods import LinearState, build_stage
     from slimkit.models import load_model
@@ -74,7 +74,7 @@ def decoder_probe(fresh: bool) -> list[dict]:
             dcfg = stage.decoder_config()
             e = latent_dim(tuple(W.shape), dcfg, sum(st.storage.values()))
             row = {"name": name, "bits": bits, "grid": st.notes["grid"], "vq_err": ((Res - st.weight).norm() / Res.norm()).item(),
-                   "latent": e}
+                   "latent": e, "date": time.strftime("%Y-%m-%d")}
             if e:
                 t = time.perf_counter()
                 fit = fit_decoder(Res, dcfg, e)
@@ -88,7 +88,7 @@ def decoder_probe(fresh: bool) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fresh", action="store_true")
-    ap.add_argument("--only", nargs="*", help="recipe names / tags to (re)run")
+    ap.add_argument("--only", nargs="*", help="recipe names / tags to (re)run; 'probe': the decoder probe")
     ap.add_argument("--matched", action="store_true", help="also run ReALLM at GPTQ g128's exact bits/weight")
     args = ap.parse_args()
     have = builtin_recipes()
@@ -97,7 +97,7 @@ def main():
         tag = tag or recipe
         fresh = args.fresh or (args.only is not None and tag in args.only)
         report = compress_run(recipe, tag=calib_tag(tag), extra=CALIB, fresh=fresh)
-        return row(label, report), report
+        return row(label + shared_mark(calib_tag(tag), report, SHARED_MACHINE), report), report
 
     sections, details = [], []
     for budget, ft in ((3, False), (2, True)):
@@ -135,8 +135,7 @@ def main():
         "for GPTQ codes + fp16 scales + zero points; for ReALLM packed VQ codes, the fp16 codebook, 8-bit "
         "block scales with their fp32 group maxima, the packed column permutation and the fp16 low-rank "
         "factors. Each ReALLM matrix meets the budget on its own (rank, vector length, codebook and block "
-        f"chosen per matrix by measured error). Times: OMP_NUM_THREADS=1, two or three runs at a time on "
-        f"the 2 cores (as in the SliM-LLM table). Machine: {machine([r for _, rows in sections for r in rows])}.",
+        f"chosen per matrix by measured error). Machine: {machine([r for _, rows in sections for r in rows])}.",
         "",
         "Regenerate: `python benchmarks/reallm.py --fresh`.",
         "",
@@ -144,7 +143,8 @@ def main():
     ]
     for budget, rows in sections:
         body += [f"### {budget} bits/weight", "", table([dense] + rows), ""]
-    by = {r["label"]: r for _, rows in sections for r in rows}
+    body += shared_note([r for _, rows in sections for r in rows], SHARED_MACHINE, SHARED_WHY)
+    by = {r["label"].removesuffix(" †"): r for _, rows in sections for r in rows}
     r3, g3 = by["ReALLM 3.0 bits/weight"], by["GPTQ W3 g128 (asym)"]
     r2, g2 = by["ReALLM 2.0 bits/weight + low-rank fine-tuning"], by["GPTQ W2 g128 (asym)"]
     g2b = by["GPTQ W2 g64 (asym)"]
@@ -155,11 +155,12 @@ def main():
              f"{g2['ppl']:.2f} ({g2['bpw']:.3f}) and g64 {g2b['ppl']:.2f} ({g2b['bpw']:.3f}): "
              f"{'beats both' if r2['ppl'] < min(g2['ppl'], g2b['ppl']) else 'does NOT beat both'}.", ""]
     body += ["ReALLM details:", ""] + details + [""]
-    probe = decoder_probe(args.fresh)
+    probe = decoder_probe(args.fresh or (args.only is not None and "probe" in args.only))
+    day = probe[0].get("date") or committed_date(REPORTS / "reallm-decoder.json") or "an unrecorded day"
     body += ["The learned decoder (recipe option `decoder: true`) against plain VQ at the same stored bits, on "
              "the residual after the low-rank part of real weights (relative Frobenius error; the decoder "
              "trains for the step count shown, within 30 s per matrix). It is kept only where it wins; where it "
-             "loses, the stage keeps VQ and says so in the log.", "",
+             f"loses, the stage keeps VQ and says so in the log. Run of {day} (`--only probe` runs it again).", "",
              "| Linear | budget | VQ configuration | VQ error | decoder latent | decoder error | decoder steps | decoder time (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for p in probe:

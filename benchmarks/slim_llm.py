@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from common import (SEEDS, command_lines, compress_run, machine, row, section_plot, seed_ppls, spread, table, verdict,
-                    with_seeds, write_section)
+from common import (SEEDS, command_lines, compress_run, machine, row, section_plot, seed_ppls, shared_mark,
+                    shared_note, spread, table, verdict, with_seeds, write_section)
 
 BITS = (2, 3)
 CALIB = ["--nsamples", "32"]  # overrides compress_run's 128 (extra options come last)
@@ -27,6 +27,12 @@ GROUPS = (64, 128)
 # the rows of the closest g64 claim (3-bit SliM-LLM no worse than GPTQ: 69.9 vs 77.5 on seed 0): also seeds 1
 # and 2. The 2-bit claims differ by 25% (SliM-LLM+ vs SliM-LLM) to 17x (vs GPTQ) on one seed.
 HEADLINE = {"gptq-w3-g64", "slim-llm-3bit-g64"}
+
+
+# how the first runs of this table and of the ReALLM table (2026-11-24) shared the cores; the configurations they
+# ran (tag -> that day, filled below) are marked † until run again (a later run is not marked)
+SHARED_WHY = "with OMP_NUM_THREADS=1, two or three runs at a time on the 2 cores"
+SHARED_DAY = "2026-11-24"
 
 
 def configs() -> list[tuple[str, str, int, int]]:
@@ -42,6 +48,10 @@ def configs() -> list[tuple[str, str, int, int]]:
                 (f"SliM-LLM+ {b}-bit g{g}", f"slim-llm-plus-{b}bit{sfx}", b, g),
             ]
     return out
+
+
+SHARED_MACHINE = {tag(recipe): SHARED_DAY for recipe in [c[1] for c in configs()]
+                  + ["reallm-3bit", "reallm-2bit", "reallm-2bit-ft"]}
 
 
 def bit_mix(report: dict) -> str:
@@ -83,7 +93,7 @@ def main():
     for label, recipe, b, g in configs():
         fresh = args.fresh or (args.only is not None and recipe in args.only)
         report = compress_run(recipe, tag=tag(recipe), extra=CALIB, fresh=fresh)
-        r = row(label, report)
+        r = row(label + shared_mark(tag(recipe), report, SHARED_MACHINE), report)
         if recipe in HEADLINE:
             r = with_seeds(r, recipe, tag=tag(recipe), extra=CALIB, run_missing=not args.finished_only, fresh=fresh)
         rows.append(r)
@@ -91,7 +101,7 @@ def main():
             mixes[label] = bit_mix(report)
     dense = {"label": "dense (fp32 weights, 16-bit accounting)", "ppl": rows[0]["dense_ppl"], "kl": 0.0,
              "bpw": 16.0, "time": None, "rss": None}
-    by = {r["label"]: r for r in rows}
+    by = {r["label"].removesuffix(" †"): r for r in rows}
     checks = []
     for g in GROUPS:
         gp2, sl2, pl2 = by[f"GPTQ W2 g{g}"], by[f"SliM-LLM 2-bit g{g}"], by[f"SliM-LLM+ 2-bit g{g}"]
@@ -112,9 +122,7 @@ def main():
         "512. KL is KL(dense || compressed) per token. Bits/weight count everything stored: codes at each "
         "group's own width, fp16 scales, zero points (of the group's width; fp16 for binarized groups, whose "
         "zero is the fractional row mean), and SliM-LLM's uint8 bit map per group. Time and peak RSS are those "
-        "of the whole `slimkit compress` process; the runs of this table and of the ReALLM table were made "
-        "with OMP_NUM_THREADS=1, two or three at a time on the 2 cores, so compare times within these two "
-        f"tables only. Machine: {machine(rows)}.",
+        f"of the whole `slimkit compress` process. Machine: {machine(rows)}.",
         "",
         "SliM-LLM: SBA bit map (top-k / bottom-k groups by salience W^2/diag(Hinv)^2 one bit up / down, k by "
         "the KL of the layer's output softmax on 4,096 calibration tokens; exact average), SQC grids "
@@ -130,6 +138,7 @@ def main():
         *section_plot("slim-llm", rows, rows[0]["dense_ppl"], "SliM-LLM and its baselines"),
         table([dense] + rows),
         "",
+        *shared_note(rows, SHARED_MACHINE, SHARED_WHY),
         "Share of column groups at each width (all layers): "
         + "; ".join(f"{k}: {v}" for k, v in mixes.items()) + ".",
         "",

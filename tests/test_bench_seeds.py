@@ -88,3 +88,43 @@ def test_a_cached_task_score_counts_only_for_the_run_it_scored(common):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_machine_line_states_the_threads_the_runs_recorded(common):
+    import torch
+    two = {"date": "2026-12-01", "threads": 2}
+    assert ", 2 threads, " in common.machine([two, two])
+    assert ", 1 / 2 threads, " in common.machine([two, two | {"threads": 1}])
+    # an older report without the field: the known count, marked as partial; none known: said so
+    assert ", 2 threads where recorded, " in common.machine([two, {"date": "2026-11-24"}])
+    assert ", threads not recorded, " in common.machine([{"date": "2026-11-24"}])
+    # no rows: this process (a section measured here and now)
+    assert f", {torch.get_num_threads()} threads, " in common.machine()
+
+
+def test_shared_note_says_how_the_marked_runs_shared_the_cores(common):
+    marked = [{"label": "row †"}]
+    assert "another job" in common.shared_note(marked, {})[0]
+    note = common.shared_note(marked, {}, "with OMP_NUM_THREADS=1, three runs at a time")[0]
+    assert note.startswith("† wall time taken with OMP_NUM_THREADS=1, three runs at a time, so the time is inflated")
+
+
+def test_a_fresh_run_discards_an_unfinished_earlier_run_of_the_same_output(common, tmp_path, monkeypatch):
+    """`slimkit compress` refuses an output whose partial folder is left from a stopped run (it offers
+    --resume); a fresh benchmark run starts over instead of failing."""
+    from slimkit.api import partial_dir
+
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    stale = partial_dir(common.RUNS / "rec")
+    stale.mkdir(parents=True)
+    seen = []
+
+    def fake_compress(args, cwd, check, env):
+        seen.append(stale.exists())
+        out = tmp_path / args[args.index("--out") + 1]
+        out.mkdir(parents=True)
+        (out / "report.json").write_text(json.dumps(report(10.0, 0.1)))
+
+    monkeypatch.setattr(common.subprocess, "run", fake_compress)
+    assert common.compress_run("rec", fresh=True)["eval"]["ppl"] == 10.0
+    assert seen == [False]
