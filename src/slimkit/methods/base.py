@@ -21,6 +21,7 @@ from ..ops.bits import weight_bits
 from ..ops.masks import Sparsity
 from ..ops.obs import InverseHessian, inverse_hessian
 from ..ops.quant import QuantSpec
+from ..ops.reduce import all_finite
 
 ACT_NORM = "act_norm"
 HESSIAN = "hessian"
@@ -100,13 +101,13 @@ class LinearStats:
             return
         if self.ntokens == 0 or self._act_sq is None:
             raise NumericalError(f"{name or 'a layer'} saw no calibration tokens")
-        if not torch.isfinite(self._act_sq).all():
+        if not all_finite(self._act_sq):
             raise NumericalError(f"the calibration activations entering {name or 'a layer'} contain NaN/Inf")
         self._act_sq /= self.nsamples
         if self._H is not None:
             self._H *= 2 / self.ntokens
         if self._C is not None:
-            if not torch.isfinite(self._C).all():
+            if not all_finite(self._C):
                 raise NumericalError(f"the dense model's activations entering {name or 'a layer'} contain NaN/Inf")
             self._C *= 2 / self.ntokens
         self.final = True
@@ -195,7 +196,7 @@ class LinearState:
     @classmethod
     def from_weight(cls, name: str, W: torch.Tensor, position: LayerPosition | None = None) -> "LinearState":
         W = W.detach().to(torch.float32, copy=True)  # the module's weight is overwritten later
-        if not torch.isfinite(W).all():
+        if not all_finite(W):
             raise NumericalError(f"the weight of {name} contains NaN/Inf")
         return cls(name=name, original=W, weight=W.clone(), position=position)
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import NumericalError, RecipeError
+from .reduce import all_finite
 
 QK_K = 256
 _SHRINK = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.73, 0.70)
@@ -37,7 +38,7 @@ def fp16(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest fp16 value (kept in fp32), as the format stores it; a value beyond
     fp16's range is a NumericalError (the block would hold inf)."""
     y = x.to(torch.float16).to(torch.float32)
-    if not torch.isfinite(y).all():
+    if not all_finite(y):
         raise NumericalError(f"a GGUF block scale of {x[~torch.isfinite(y)].flatten()[0].item():.4g} is beyond "
                              "fp16's range (weights too large for llama.cpp's block formats)")
     return y

@@ -18,6 +18,7 @@ import torch
 from ..errors import NumericalError, RecipeError
 from .masks import Sparsity, nm_mask
 from .quant import QuantSpec, fake_quantize, fit, fit_group, group_slices
+from .reduce import all_finite
 
 if TYPE_CHECKING:
     from .gguf import BlockGrid
@@ -41,7 +42,7 @@ def inverse_hessian(H: torch.Tensor, percdamp: float = 0.01, actorder: bool = Fa
     Works on a copy of H in fp32 on H's device and damps its diagonal in place (no identity
     matrix): at most three (K, K) fp32 matrices live at once (H, its Cholesky factor, the
     inverse). Only when the fp32 factorisation fails is it retried in fp64."""
-    if not torch.isfinite(H).all():
+    if not all_finite(H):
         raise NumericalError(f"the Hessian of {name or 'a layer'} has NaN/Inf entries")
     H = H.detach().to(torch.float32, copy=True)  # (K, K)
     diag = H.diagonal()
@@ -95,13 +96,13 @@ def _upper_inverse_factor(H: torch.Tensor) -> torch.Tensor | None:
     """Upper Cholesky factor of H^-1 (H damped, symmetric positive definite), or None when a
     factorisation fails or leaves non-finite values."""
     L, info = torch.linalg.cholesky_ex(H)
-    if info.item() != 0 or not torch.isfinite(L).all():
+    if info.item() != 0 or not all_finite(L):
         return None
     Hinv = torch.cholesky_inverse(L)
     del L
     U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
     del Hinv
-    if info.item() != 0 or not torch.isfinite(U).all():
+    if info.item() != 0 or not all_finite(U):
         return None
     return U
 
@@ -273,6 +274,6 @@ def obs_sweep(W: torch.Tensor, inv: InverseHessian, *, quant: QuantSpec | None =
             keep = keep[:, inv_perm]
         if W_in is not None:
             W_in = W_in[:, inv_perm]
-    if not torch.isfinite(W).all():
+    if not all_finite(W):
         raise NumericalError("the OBS sweep produced NaN/Inf weights")
     return SweepResult(W, keep, scale, zero, W_in)
