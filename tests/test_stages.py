@@ -251,3 +251,25 @@ def test_sweep_fits_weighted_groups_with_the_input_moments(actorder):
         assert torch.equal(res.scale[:, :1], s) and torch.equal(res.zero[:, :1], z)
         s_plain, _ = fit(W, QuantSpec(3, 32, clip_search=True))
         assert not torch.equal(res.scale, s_plain)
+
+
+def test_gptq_actorder_default_and_the_builtin_baselines():
+    # the stage sweeps in act-order unless told otherwise (llm-compressor's default); the built-in gptq-*
+    # recipes are the papers' natural-order baseline, their gptaq-* twins keep act-order
+    from slimkit.recipe import builtin_recipes, load_recipe
+
+    assert build_stage({"method": "gptq", "bits": 4}).actorder is True
+    W, X, stats = layer()
+    default = run({"method": "gptq", "bits": 4, "group_size": 32}, W, stats)
+    natural = run({"method": "gptq", "bits": 4, "group_size": 32, "actorder": False}, W, stats)
+    ordered = run({"method": "gptq", "bits": 4, "group_size": 32, "actorder": True}, W, stats)
+    assert torch.equal(default.weight, ordered.weight) and not torch.equal(default.weight, natural.weight)
+    plain = [n for n in builtin_recipes() if n.startswith("gptq-w")]
+    assert len(plain) == 7
+    for name in plain:
+        (stage,) = load_recipe(name).stages
+        assert stage.actorder is False, name
+        (twin,) = load_recipe("gptaq-" + name.removeprefix("gptq-")).stages
+        assert twin.actorder is True and twin.bits == stage.bits and twin.group_size == stage.group_size
+    with pytest.raises(RecipeError, match="actorder must be true or false"):
+        build_stage({"method": "gptq", "bits": 4, "actorder": "static"})
