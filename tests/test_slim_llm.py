@@ -181,7 +181,9 @@ def test_slim_llm_beats_gptq_at_2_bits(group):
     W, X, stats = layer(64, 256, seed=11, tokens=4096)
     W = W * torch.exp(0.7 * torch.randn(256, generator=torch.Generator().manual_seed(1)))  # uneven columns
     sl = run({"method": "slim_llm", "bits": 2, "group_size": group}, W, stats)
-    gp = run({"method": "gptq", "bits": 2, "group_size": group}, W, stats)
+    # against GPTQ in the same natural column order as SliM-LLM's sweep (the paper's baseline): what differs
+    # is the per-group widths and grids, not the sweep order
+    gp = run({"method": "gptq", "bits": 2, "group_size": group, "actorder": False}, W, stats)
     e_sl, e_gp = out_err(W, sl.weight, X), out_err(W, gp.weight, X)
     assert e_sl < 0.95 * e_gp, (e_sl, e_gp)
 
