@@ -106,6 +106,7 @@ def main():
                               (f"GPTQ W{budget} g64 (asym)", f"gptq-w{budget}-g64"),
                               (f"SliM-LLM {budget}-bit", f"slim-llm-{budget}bit"),
                               (f"ReALLM {budget}.0 bits/weight", f"reallm-{budget}bit"),
+                              (f"rotate + ReALLM {budget}.0 bits/weight", f"rotate-reallm-{budget}bit"),
                               *([(f"ReALLM {budget}.0 bits/weight + low-rank fine-tuning", f"reallm-{budget}bit-ft")]
                                 if ft else [])):
             if recipe not in have:
@@ -153,7 +154,16 @@ def main():
              f"{g3['ppl']:.2f} at {g3['bpw']:.3f}: {'no worse, with fewer bits' if r3['ppl'] <= g3['ppl'] and r3['bpw'] <= g3['bpw'] else 'WORSE or more bits'}.",
              f"- 2 bits: ReALLM with fine-tuning {r2['ppl']:.2f} at {r2['bpw']:.3f} bits/weight vs GPTQ W2 g128 "
              f"{g2['ppl']:.2f} ({g2['bpw']:.3f}) and g64 {g2b['ppl']:.2f} ({g2b['bpw']:.3f}): "
-             f"{'beats both' if r2['ppl'] < min(g2['ppl'], g2b['ppl']) else 'does NOT beat both'}.", ""]
+             f"{'beats both' if r2['ppl'] < min(g2['ppl'], g2b['ppl']) else 'does NOT beat both'}."]
+    for budget in (3, 2):
+        rot, plain = by.get(f"rotate + ReALLM {budget}.0 bits/weight"), by.get(f"ReALLM {budget}.0 bits/weight")
+        if rot and plain:
+            d = 100 * (rot["ppl"] / plain["ppl"] - 1)
+            body.append(f"- {budget} bits, seed 0: rotate + ReALLM {rot['ppl']:.2f} at {rot['bpw']:.3f} bits/weight vs "
+                        f"ReALLM {plain['ppl']:.2f} at {plain['bpw']:.3f} ({'lower' if d < 0 else 'higher'} by "
+                        f"{abs(d):.1f}%; one seed: inside the noise section's seed spread it is a tie; the rotated "
+                        "checkpoint also gains an untied head on this model, outside the Linears' bits).")
+    body += [""]
     body += ["ReALLM details:", ""] + details + [""]
     probe = decoder_probe(args.fresh or (args.only is not None and "probe" in args.only))
     day = probe[0].get("date") or committed_date(REPORTS / "reallm-decoder.json") or "an unrecorded day"
