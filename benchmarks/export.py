@@ -99,7 +99,9 @@ def main():
         for fmt in ("native", "compressed-tensors", "peft"):
             out = RUNS / f"export-{recipe}-{fmt}"
             if not out.exists():
-                r = subprocess.run([*SLIMKIT, "export", str(base), "--format", fmt, "--out", str(out), "-q"],
+                # paths from the root (the cwd), so that a refusal quoted in the table names no machine's folders
+                r = subprocess.run([*SLIMKIT, "export", str(base.relative_to(ROOT)), "--format", fmt,
+                                    "--out", str(out.relative_to(ROOT)), "-q"],
                                    cwd=ROOT, capture_output=True, text=True)
                 if r.returncode:
                     lines.append(f"| {recipe} | {fmt} | — | — | — | {r.stderr.strip().removeprefix('slimkit: error: ')} |")
