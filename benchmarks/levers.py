@@ -305,7 +305,7 @@ def render() -> str:
         "over the seeds run (range in brackets); differences inside the ranges are ties, and a row with one seed "
         "is one draw. Compress time: the engine's own total (calibration forwards included: RTN with the "
         "weighted search needs the calibration statistics, plain RTN does not), mean over seeds; some runs of both "
-        "tools shared the 2 cores with test runs or a llama-perplexity run for part of their time (up to 1.5x "
+        "tools shared the 2 cores with test runs or a llama-perplexity run for part of their time (up to about 2x "
         "slower), so compare times only roughly. "
         "The peer row is llm-compressor run by "
         "`benchmarks/peer.py` on the same calibration token ids and scored by slimkit's evaluator on the same "
