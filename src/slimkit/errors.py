@@ -37,6 +37,14 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def require_bools(obj, keys, prefix: str = "") -> None:
+    """RecipeError unless every attribute ``keys`` of a config dataclass is true or false."""
+    for key in keys:
+        v = getattr(obj, key)
+        if not isinstance(v, bool):
+            raise RecipeError(f"{prefix}{key} must be true or false, got {v!r}")
+
+
 def require_positive_ints(obj, keys, prefix: str = "") -> None:
     """RecipeError unless every attribute ``keys`` of a config dataclass is a positive integer."""
     for key in keys:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 
-from ..errors import RecipeError
+from ..errors import RecipeError, require_bools
 from ..ops.gguf import CATEGORIES, TYPES, BlockGrid, category_of, check_ftype, check_width, llama_type, storage_bits
 from ..ops.masks import Sparsity, parse_sparsity
 from ..ops.obs import obs_sweep
@@ -32,8 +32,7 @@ class GGUFFields:
 
     def check_gguf(self) -> None:
         self.ftype = check_ftype(self.ftype)
-        if not isinstance(self.pure, bool):
-            raise RecipeError(f"pure must be true or false, got {self.pure!r}")
+        require_bools(self, ("pure",))
 
     def uses_imatrix(self) -> bool:
         return self.calibrated
@@ -108,8 +107,7 @@ class GPTQGGUF(SweepFields, GGUFFields, Stage):
     def __post_init__(self):
         self.check_gguf()
         self.check_sweep()
-        if not isinstance(self.actorder, bool):
-            raise RecipeError(f"actorder must be true or false, got {self.actorder!r}")
+        require_bools(self, ("actorder",))
 
     def pattern(self) -> Sparsity | None:
         return None

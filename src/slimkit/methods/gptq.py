@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import RecipeError, is_number
+from ..errors import RecipeError, is_number, require_bools
 from ..ops.obs import dense_target, obs_sweep
 from .base import DENSE_CROSS, HESSIAN, LinearState, LinearStats, QuantFields, Stage, register
 
@@ -32,8 +32,7 @@ class AimFields:
     dense_alpha: float = 0.25  # the fraction of that correction taken (GPTAQ's reference code: 0.25)
 
     def check_aim(self):
-        if not isinstance(self.dense_target, bool):
-            raise RecipeError(f"dense_target must be true or false, got {self.dense_target!r}")
+        require_bools(self, ("dense_target",))
         a = self.dense_alpha
         if not is_number(a) or not 0 < a <= 1:
             raise RecipeError(f"dense_alpha must be a number in (0, 1], got {a!r}")
@@ -69,8 +68,7 @@ class GPTQ(SweepFields, AimFields, QuantFields, Stage):
     actorder: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.actorder, bool):
-            raise RecipeError(f"actorder must be true or false, got {self.actorder!r}")
+        require_bools(self, ("actorder",))
         self.quant_spec()
         self.check_sweep()
         self.check_aim()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import ModelError, RecipeError
+from ..errors import ModelError, RecipeError, require_bools
 from ..models.layout import replace_output_head
 from ..ops.rotate import (hadamard_exists, rotate_head_inputs, rotate_head_outputs, rotate_inputs, rotate_outputs,
                           rotation)
@@ -165,8 +165,7 @@ class Rotate(Stage):
             raise RecipeError(f"rotate: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise RecipeError(f"rotate: seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.heads, bool):
-            raise RecipeError(f"rotate: heads must be true or false, got {self.heads!r}")
+        require_bools(self, ("heads",), prefix="rotate: ")
 
     def apply(self, state: LinearState, stats: LinearStats | None) -> LinearState:
         return state  # the work is done on the whole model, before calibration (transform)
