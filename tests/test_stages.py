@@ -273,3 +273,30 @@ def test_gptq_actorder_default_and_the_builtin_baselines():
         assert twin.actorder is True and twin.bits == stage.bits and twin.group_size == stage.group_size
     with pytest.raises(RecipeError, match="actorder must be true or false"):
         build_stage({"method": "gptq", "bits": 4, "actorder": "static"})
+
+
+@pytest.mark.parametrize("method,cfg", CASES)
+def test_record_estimate_bounds_the_record(method, cfg):
+    """The disk check's estimate of a Linear's state record (the recipe's stages, prelude first) is
+    at least the record's real size, and not far above it: at most a quarter more, except ReALLM,
+    whose estimate counts its fp16 budget twice (the low-rank part is kept in fp32) and the fp32
+    base weight whenever a rank above 0 is among its candidates."""
+    from slimkit.methods.base import LayerPosition
+    from slimkit.recipe import Recipe
+    from slimkit.state_io import layer_record
+
+    W, X, stats = layer()
+    position = LayerPosition(0, 1)
+    state = LinearState.from_weight("layer", W, position)
+    stages = [*STAGES[method].battery_prelude, {"method": method, **cfg}]
+    for st in stages:
+        state = build_stage(st).run(state, stats)
+    tensors, _ = layer_record(state)
+    real = sum(v.numel() * v.element_size() for v in tensors.values())
+    estimate = Recipe.from_dict({"stages": stages}).record_bytes("layer", OUT, IN, position)
+    assert estimate >= real, (estimate, real)
+    if method == "reallm":
+        plain = 2 * cfg["bits"] * OUT * IN / 8 + 64 + (4 * OUT * IN if max(cfg.get("ranks", [0, 8])) else 0)
+        assert estimate <= plain + 1
+    else:
+        assert estimate <= 1.25 * real, (estimate, real)

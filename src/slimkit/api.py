@@ -18,6 +18,7 @@ from .calib import compress_model
 from .calib.checkpoint import Checkpoint, files_digest, tensor_digest
 from .calib.device import Placement, peak_device_memory_mb, resolve_dtype
 from .calib.engine import check_recipe_fits
+from .methods.base import DENSE_CROSS, model_gqa
 from .data import calibration_ids, evaluation_ids
 from .data.sources import available_memory
 from .errors import SlimkitError, is_number
@@ -200,26 +201,53 @@ def check_positions(config, seqlen: int) -> None:
                            "(max_position_embeddings)")
 
 
+def disk_need(model, *, nsamples: int, seqlen: int, placement: Placement, records: int,
+              offload_activations: bool, eval_tokens: int | None, blocks=None, paired: bool = False,
+              untie: bool = False, location: str | Path | None = None, targets: int = 0) -> int:
+    """At least the bytes a run has on disk at its peak, when the output is written and the
+    checkpoint not yet removed: the output model (an untied head in it too when a model-level stage
+    unties it) and its state records (``records``: ``check_recipe_fits``); the checkpoint, which
+    holds every compressed block of a resident model (a streamed one's blocks are in the output's
+    shards already), the records again, and the inputs of the next block (two files for a moment,
+    each with the dense model's inputs beside them when ``paired``); offloaded activations; the
+    dense evaluation summary; the files copied beside the weights (the tokenizer: those of the
+    model's folder, or 16 MiB for a single file), the report and its plots. ``blocks``: a streamed
+    model's block source."""
+    hidden = model.get_input_embeddings().weight.shape[1]
+    storage = torch.empty((), dtype=placement.storage).element_size()
+    width = torch.empty((), dtype=placement.compute).element_size()
+    layout = layout_for(model)
+    block_params = [sum(p.numel() for p in b.parameters()) for b in layout.blocks(model)]
+    params = sum(p.numel() for p in model.parameters())
+    if blocks is not None:  # a streamed model holds one block: count the others
+        params += (len(blocks) - len(block_params)) * block_params[0]
+    if untie:
+        params += model.get_input_embeddings().weight.numel()
+    checkpoint = records + 2 * (2 if paired else 1) * nsamples * seqlen * hidden * width
+    if blocks is None:
+        checkpoint += sum(block_params) * storage
+    weights = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+    beside = sum(f.stat().st_size for f in Path(location).iterdir() if f.is_file() and not f.name.endswith(weights)) \
+        if location is not None and Path(location).is_dir() else 16 * 2**20
+    report = 2**18 + 2048 * targets  # report.json, report.md, slimkit.json (a record per Linear), two plots
+    return params * storage + records + checkpoint + (3 * nsamples * seqlen * hidden * width if offload_activations
+                                                     else 0) + (eval_tokens or 0) * (hidden + 2) * 8 + beside + report
+
+
 def check_resources(model, *, nsamples: int, seqlen: int, out: Path, placement: Placement,
-                    offload_activations: bool, eval_tokens: int | None, blocks=None,
-                    partial: Path | None = None) -> None:
+                    offload_activations: bool, eval_tokens: int | None, records: int, blocks=None,
+                    partial: Path | None = None, paired: bool = False, untie: bool = False,
+                    location: str | Path | None = None, targets: int = 0) -> None:
     """Refuse, before any work, a run that cannot fit: calibration activations against the memory
     available (or, offloaded, against the disk), the output against the free disk space."""
     hidden = model.get_input_embeddings().weight.shape[1]
     width = torch.empty((), dtype=placement.compute).element_size()
     acts = 3 * nsamples * seqlen * hidden * width  # the block's inputs, outputs and one working copy
     ids = nsamples * seqlen * 8
-    params = sum(p.numel() for p in model.parameters())
-    if blocks is not None:  # a streamed model holds one block: count the others
-        built = len(layout_for(model).blocks(model))
-        params += (len(blocks) - built) * sum(p.numel() for p in layout_for(model).blocks(model)[0].parameters())
-    stored = params * torch.empty((), dtype=placement.storage).element_size()
-    # the output model, its state records (codes, masks, adapters: at most half of it again), the
-    # checkpoint (every compressed block and the next block's inputs: until the output is saved),
-    # offloaded activations, the dense evaluation summary; less what a resumed run holds already
-    already = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if partial and partial.is_dir() else 0
-    disk = int(2.5 * stored) + nsamples * seqlen * hidden * 4 + (acts if offload_activations else 0) \
-        + (eval_tokens or 0) * (hidden + 2) * 8 - already
+    disk = disk_need(model, nsamples=nsamples, seqlen=seqlen, placement=placement, records=records,
+                     offload_activations=offload_activations, eval_tokens=eval_tokens, blocks=blocks,
+                     paired=paired, untie=untie, location=location, targets=targets)
+    disk -= sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if partial and partial.is_dir() else 0
     avail = available_memory()
     size = f"{nsamples} x {seqlen} calibration tokens (hidden size {hidden})"
     if avail is not None and placement.device.type == "cpu" and not offload_activations and acts + ids > avail:
@@ -295,8 +323,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
         m, tok, location = load_model(model, dtype=placement.storage, with_tokenizer=need_tok)
         layout = layout_for(m)
         source = ResidentBlocks(m, layout)
-    n_targets = check_recipe_fits(source, rec)
-    if n_targets == 0:
+    fit = check_recipe_fits(source, rec, model_gqa(m.config))
+    if fit.targets == 0:
         if not any(source.linears(i, source.peek(i)) for i in range(len(source))):
             kinds = sorted({type(mod).__name__ for mod in source.peek(0).modules()
                             if isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() == 2})
@@ -306,9 +334,12 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
     for st in rec.model_stages:
         st.check_model(m, source, layout.model_type)
     check_positions(m.config, seqlen)
+    tied = getattr(m.config.get_text_config(), "tie_word_embeddings", False)
     check_resources(m, nsamples=nsamples, seqlen=seqlen, out=out_path, placement=placement,
                     offload_activations=offload_activations, eval_tokens=eval_tokens if eval_data else None,
-                    blocks=source if streamed is not None else None, partial=partial if resume else None)
+                    records=fit.record_bytes, blocks=source if streamed is not None else None,
+                    partial=partial if resume else None, paired=DENSE_CROSS in rec.needs,
+                    untie=bool(rec.model_stages) and bool(tied), location=location, targets=fit.targets)
     if given_ids is not None:
         vocab = m.get_input_embeddings().weight.shape[0]
         if int(given_ids.max()) >= vocab or int(given_ids.min()) < 0:

@@ -185,6 +185,18 @@ class Recipe:
         """The stages that run on every Linear (model-level stages such as rotate run before)."""
         return [s for s in self.stages if not s.model_level]
 
+    def record_bytes(self, name: str, out_features: int, in_features: int, position=None) -> int:
+        """At least the bytes of this Linear's state record: each tensor the largest that a stage
+        declares (a later stage replaces an earlier one's), without the unquantized base weight when
+        a stage put the base on a uniform grid (its codes are recorded instead)."""
+        parts: dict[str, int] = {}
+        for st in self.layer_stages:
+            for key, n in st.record_bytes(name, out_features, in_features, position).items():
+                parts[key] = max(parts.get(key, 0), n)
+        if "codes" in parts:
+            parts.pop("weight", None)
+        return sum(parts.values())
+
     @property
     def model_stages(self) -> list[Stage]:
         return [s for s in self.stages if s.model_level]

@@ -131,11 +131,17 @@ def target_linears(source, recipe: Recipe, index: int, block: nn.Module) -> dict
 MIN_EXPERT_TOKENS = 32  # an expert routed fewer calibration tokens is compressed data-free
 
 
-def check_recipe_fits(source, recipe: Recipe) -> int:
+@dataclass(frozen=True)
+class RecipeFit:
+    targets: int  # the Linears the recipe compresses
+    record_bytes: int  # at least the bytes of their state records (the disk check counts them)
+
+
+def check_recipe_fits(source, recipe: Recipe, n_gqa: int = 1) -> RecipeFit:
     """Fail before any work if a stage cannot handle some layer of the block ``source``
     (ResidentBlocks or StreamedModel), fused experts included (one Linear triple per expert).
-    Returns the number of targets."""
-    count = 0
+    Returns the number of targets and the size of their state records."""
+    count = records = 0
     for i in range(len(source)):
         block = source.peek(i)
         shapes = {name: (lin.out_features, lin.in_features)
@@ -149,11 +155,13 @@ def check_recipe_fits(source, recipe: Recipe) -> int:
                                         ("down_proj", (H, two_i // 2))):
                         if not recipe.ignores(f"{base}.{e}.{proj}"):
                             shapes[f"{base}.{e}.{proj}"] = shape
+        position = LayerPosition(i, len(source), n_gqa)
         for name, (out_f, in_f) in shapes.items():
             for stage in recipe.layer_stages:
                 stage.check_layer(name, out_f, in_f)
+            records += recipe.record_bytes(name, out_f, in_f, position)
             count += 1
-    return count
+    return RecipeFit(count, records)
 
 
 def data_free_stages(recipe: Recipe) -> list[Stage]:

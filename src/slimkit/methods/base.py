@@ -312,6 +312,13 @@ class Stage:
     def check_layer(self, name: str, out_features: int, in_features: int) -> None:
         """Raise RecipeError when this stage cannot handle a layer of this shape."""
 
+    def record_bytes(self, name: str, out_features: int, in_features: int,
+                     position: LayerPosition | None = None) -> dict[str, int]:
+        """At least the bytes of each tensor this stage leaves in a Linear's state record
+        (state_io.layer_record), by the record's tensor name: what the disk check counts before any
+        work. A stage that leaves nothing there (rotate) returns {}."""
+        return {}
+
     def refine_block(self, ctx: BlockContext) -> None:
         """Optional: runs once per block after every Linear went through all stages;
         may update ``ctx.states`` and must then call ``ctx.write(name)``."""
@@ -367,6 +374,12 @@ class QuantFields:
     search_grid: int = 100  # the range search's candidates: shrinks 1 - i / search_grid ...
     search_maxshrink: float = 0.8  # ... for i < search_maxshrink * search_grid
     search_norm: float | None = None  # its error exponent (None: 2 weighted, 2.4 clip)
+
+    def record_bytes(self, name: str, out_features: int, in_features: int,
+                     position: LayerPosition | None = None) -> dict[str, int]:
+        """One uint8 code per weight, an fp32 scale and a uint8 zero point per (row, group)."""
+        groups = 1 if self.group_size is None else -(-in_features // self.group_size)
+        return {"codes": out_features * in_features, "scale": 4 * out_features * groups, "zero": out_features * groups}
 
     def quant_spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.symmetric, self.clip_search,

@@ -16,7 +16,7 @@ from ..errors import RecipeError, require_bools
 from ..ops.gguf import CATEGORIES, TYPES, BlockGrid, category_of, check_ftype, check_width, llama_type, storage_bits
 from ..ops.masks import Sparsity, parse_sparsity
 from ..ops.obs import obs_sweep
-from .base import HESSIAN, LinearState, LinearStats, Stage, register
+from .base import HESSIAN, LayerPosition, LinearState, LinearStats, Stage, register
 from .gptq import SweepFields
 
 BLOCKS = "gguf_blocks"
@@ -37,8 +37,9 @@ class GGUFFields:
     def uses_imatrix(self) -> bool:
         return self.calibrated
 
-    def layer_type(self, name: str, in_features: int, state: LinearState | None = None) -> str:
-        pos = state.position if state is not None else None
+    def layer_type(self, name: str, in_features: int, state: LinearState | None = None,
+                   position: LayerPosition | None = None) -> str:
+        pos = state.position if state is not None else position
         return llama_type(self.ftype, category_of(name), in_features,
                           pos.block if pos else None, pos.n_blocks if pos else None,
                           pos.n_gqa if pos else 1, has_imatrix=self.uses_imatrix(), pure=self.pure)
@@ -49,6 +50,12 @@ class GGUFFields:
         except RecipeError as e:
             raise RecipeError(f"{name}: {e}") from None
         check_width(TYPES[t], in_features, name)
+
+    def record_bytes(self, name: str, out_features: int, in_features: int,
+                     position: LayerPosition | None = None) -> dict[str, int]:
+        """The block bytes of the type llama-quantize would choose here (uint8)."""
+        t = TYPES[self.layer_type(name, in_features, position=position)]
+        return {BLOCKS: out_features * -(-in_features // t.block) * t.type_size}
 
     def refuse_mask(self, state: LinearState) -> None:
         if state.mask is not None or state.quant is not None or BLOCKS in state.tensors or state.L is not None:
@@ -140,6 +147,10 @@ class SparseGPTGGUF(GPTQGGUF):
     prunes = True
     examples = ({"ftype": "Q4_0", "sparsity": "2:4"}, {"ftype": "Q8_0", "sparsity": 0.5})
     sparsity: str | float = "2:4"
+
+    def record_bytes(self, name: str, out_features: int, in_features: int,
+                     position: LayerPosition | None = None) -> dict[str, int]:
+        return super().record_bytes(name, out_features, in_features, position) | {"mask": out_features * in_features}
 
     def __post_init__(self):
         super().__post_init__()

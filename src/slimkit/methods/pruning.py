@@ -21,6 +21,9 @@ class PruneFields:
     def check_layer(self, name, out_features, in_features):
         self.pattern().check_width(in_features, name)
 
+    def record_bytes(self, name: str, out_features: int, in_features: int, position=None) -> dict[str, int]:
+        return {"mask": out_features * in_features}  # uint8
+
 
 class ScorePruner(PruneFields, Stage):
     """Masks from a score of the ORIGINAL weight; the mask is applied to the current weight."""
@@ -73,6 +76,10 @@ class SparseGPT(SweepFields, AimFields, PruneFields, QuantFields, Stage):
     examples = ({"sparsity": "2:4"}, {"sparsity": 0.5, "bits": 4, "group_size": 32})
     prunes = True
     bits: int | None = None  # QuantFields' grid, joint with the pruning; None: prune only
+
+    def record_bytes(self, name: str, out_features: int, in_features: int, position=None) -> dict[str, int]:
+        grid = QuantFields.record_bytes(self, name, out_features, in_features) if self.bits is not None else {}
+        return PruneFields.record_bytes(self, name, out_features, in_features) | grid
 
     def __post_init__(self):
         self.pattern()

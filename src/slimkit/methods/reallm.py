@@ -91,6 +91,13 @@ class ReALLM(Stage):
                              float(self.decoder_seconds), seed=self.seed)
 
     # -- budget ---------------------------------------------------------------------------------
+    def record_bytes(self, name: str, out_features: int, in_features: int, position=None) -> dict[str, int]:
+        """The code (VQ or decoder) and the low-rank part fit ``bits`` per weight counted with the
+        low-rank part in fp16; the record keeps that part in fp32 (at most twice the budget), and
+        the fp32 base weight beside it when a rank above 0 may be chosen."""
+        code = 2 * -(-int(self.bits * out_features * in_features) // 8) + 64
+        return {"code": code} | ({"weight": 4 * out_features * in_features} if max(self.ranks) > 0 else {})
+
     def candidates(self, out: int, k: int) -> list[tuple[int, VQConfig, int]]:
         """(rank, VQ config, stored bits) that fit the budget: for every (rank, d), the largest codebook
         that fits with some candidate block, with the smallest such block (finer scales). Codebooks

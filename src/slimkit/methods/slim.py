@@ -49,6 +49,11 @@ class SlimQuant(Stage):
     def needs(self):  # type: ignore[override]
         return frozenset({ACT_NORM}) if self.outliers else frozenset()
 
+    def record_bytes(self, name: str, out_features: int, in_features: int, position=None) -> dict[str, int]:
+        """uint8 codes, a per-row fp32 scale and uint8 zero point; SLiM-Quant^O's fp32 input scale."""
+        grid = {"codes": out_features * in_features, "scale": 4 * out_features, "zero": out_features}
+        return grid | ({"input_scale": 4 * in_features} if self.outliers else {})
+
     def apply(self, state: LinearState, stats: LinearStats | None) -> LinearState:
         out, k = state.weight.shape
         spec = QuantSpec(self.bits, None, symmetric=True, per_tensor=True)
@@ -143,6 +148,12 @@ class SlimLoRA(Stage):
     @property
     def needs_requantize(self) -> bool:  # type: ignore[override]
         return self.iterations > 1
+
+    def record_bytes(self, name: str, out_features: int, in_features: int, position=None) -> dict[str, int]:
+        """fp32 L (in, r) and R (r, out); and the fp32 base weight, which the record holds when no
+        stage put the base on a uniform grid (``Recipe.record_bytes`` drops it when one did)."""
+        r = resolve_rank(self.rank, out_features, in_features, self.pad_to)
+        return {"L": 4 * in_features * r, "R": 4 * r * out_features, "weight": 4 * out_features * in_features}
 
     def apply(self, state: LinearState, stats: LinearStats | None) -> LinearState:
         W = state.target

@@ -51,6 +51,12 @@ class SliMLLM(SweepFields, Stage):
     clip_steps: int = 101
     kl_tokens: int = 4096  # calibration tokens scoring the SBA candidates
 
+    def record_bytes(self, name: str, out_features: int, in_features: int, position=None) -> dict[str, int]:
+        """uint8 codes, fp32 scale and zero point per (row, group), each group's width (uint8)."""
+        groups = -(-in_features // self.group_size)
+        return {"codes": out_features * in_features, "scale": 4 * out_features * groups,
+                "zero": 4 * out_features * groups, "group_bits": groups}
+
     def __post_init__(self):
         if not _int(self.bits) or not 2 <= self.bits <= 7:
             raise RecipeError(f"bits (the average) must be an integer from 2 to 7, got {self.bits!r}")
