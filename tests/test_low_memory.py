@@ -67,8 +67,10 @@ def test_low_memory_resume_after_sigkill(four_blocks, text_file, tmp_path):  # n
     assert killed.returncode == -signal.SIGKILL
     ckpt = tmp_path / ".out.partial" / "checkpoint"
     assert json.loads((ckpt / "progress.json").read_text())["done"] == 2
-    kept = load_file(str(ckpt / "block_0.safetensors"))
-    assert kept and all(k.startswith("payload::") for k in kept)  # the weights live in the output shard only
+    assert load_file(str(ckpt / "block_0.safetensors")) == {}  # the weights live in the output shard only
+    for i in range(2):  # and the records in the output's record shard, which the checkpoint links
+        shard, linked = tmp_path / ".out.partial" / f"slimkit_state-{i:05d}.safetensors", ckpt / f"payload_{i}.safetensors"
+        assert linked.stat().st_ino == shard.stat().st_ino and load_file(str(linked))
     resumed = run(four_blocks, "gptq-w4-g64", tmp_path / "out", text_file, "--low-memory", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_files(tmp_path / "ref", tmp_path / "out")

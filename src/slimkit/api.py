@@ -207,8 +207,9 @@ def disk_need(model, *, nsamples: int, seqlen: int, placement: Placement, record
     """At least the bytes a run has on disk at its peak, when the output is written and the
     checkpoint not yet removed: the output model (an untied head in it too when a model-level stage
     unties it) and its state records (``records``: ``check_recipe_fits``); the checkpoint, which
-    holds every compressed block of a resident model (a streamed one's blocks are in the output's
-    shards already), the records again, and the inputs of the next block (two files for a moment,
+    holds every compressed block of a resident model and the records again (a streamed model's
+    blocks and records are in the output's shards already: the checkpoint links the record shards,
+    on a file system with hard links), and the inputs of the next block (two files for a moment,
     each with the dense model's inputs beside them when ``paired``); offloaded activations; the
     dense evaluation summary; the files copied beside the weights (the tokenizer: those of the
     model's folder, or 16 MiB for a single file), the report and its plots. ``blocks``: a streamed
@@ -223,9 +224,9 @@ def disk_need(model, *, nsamples: int, seqlen: int, placement: Placement, record
         params += (len(blocks) - len(block_params)) * block_params[0]
     if untie:
         params += model.get_input_embeddings().weight.numel()
-    checkpoint = records + 2 * (2 if paired else 1) * nsamples * seqlen * hidden * width
-    if blocks is None:
-        checkpoint += sum(block_params) * storage
+    checkpoint = 2 * (2 if paired else 1) * nsamples * seqlen * hidden * width
+    if blocks is None:  # streamed: the blocks are in the output's shards, the records linked from its record shards
+        checkpoint += sum(block_params) * storage + records
     weights = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
     beside = sum(f.stat().st_size for f in Path(location).iterdir() if f.is_file() and not f.name.endswith(weights)) \
         if location is not None and Path(location).is_dir() else 16 * 2**20
@@ -483,8 +484,8 @@ class _Records:
                 meta["adapters"][name] = {"bits": a["bits"], "group": a["group"]}
                 if f"{name}.weight" not in tensors:  # an unquantized base is in the state record already
                     tensors[f"finetune::{name}::weight"] = a["weight"]  # (and so are L and R)
-        if self.spill:
-            self.state.spill(self.directory, index, tensors)
+        if self.spill:  # the checkpoint links the shard instead of writing the records again
+            return self.state.spill(self.directory, index, tensors), meta
         return tensors, meta
 
     def on_restore(self, index: int, tensors: dict, meta: dict) -> None:

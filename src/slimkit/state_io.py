@@ -10,6 +10,7 @@ other format from these two files.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -59,8 +60,12 @@ def layer_record(state: LinearState) -> tuple[dict[str, torch.Tensor], dict]:
 
 def save_sorted(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Sorted, with ONE metadata key (safetensors writes metadata in hash order): the file's bytes
-    depend only on its content, not on the order of recording (resume) or the process."""
-    save_file({k: tensors[k].contiguous() for k in sorted(tensors)}, str(path), metadata={"format": "slimkit-state/1"})
+    depend only on its content, not on the order of recording (resume) or the process. The file is
+    written beside and renamed into place: a checkpoint may hold a hard link to the one it replaces
+    (a resumed streamed run writes its restored records again), which must keep its content."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: tensors[k].contiguous() for k in sorted(tensors)}, str(tmp), metadata={"format": "slimkit-state/1"})
+    os.replace(tmp, path)
 
 
 class StateRecorder:
@@ -72,14 +77,15 @@ class StateRecorder:
         self._new: list[str] = []
         self.shards: dict[str, str] = {}  # tensor -> shard file, for records already written out
 
-    def spill(self, directory: Path, index: int, tensors: dict[str, torch.Tensor]) -> None:
+    def spill(self, directory: Path, index: int, tensors: dict[str, torch.Tensor]) -> Path:
         """Write one block's records to their own shard and drop them from memory (models larger
-        than RAM); ``save`` then writes an index of the shards."""
+        than RAM); ``save`` then writes an index of the shards. Returns the shard's path."""
         name = f"slimkit_state-{index:05d}.safetensors"
         save_sorted(tensors, Path(directory) / name)
         for k in tensors:
             self.tensors.pop(k, None)
             self.shards[k] = name
+        return Path(directory) / name
 
     def __call__(self, state: LinearState) -> None:
         tensors, meta = layer_record(state)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import NoReturn
 
@@ -87,6 +88,17 @@ def _progress_digest(progress: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` the same file as ``src`` (a hard link: no second copy on disk), or a copy where the
+    file system has no hard links."""
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -146,7 +158,8 @@ class Checkpoint:
         if progress["digest"] != _progress_digest(progress):
             self._refuse(f"{PROGRESS} was edited or is damaged (its digest does not match its content)")
         done, files = progress["done"], progress["files"]  # as commit wrote them: the digest fits
-        need = [f"block_{i}.safetensors" for i in range(done)] + ([f"inputs_{done - 1}.safetensors"] if done else [])
+        need = [f"block_{i}.safetensors" for i in range(done)] + ([f"inputs_{done - 1}.safetensors"] if done else []) \
+            + [f"payload_{i}.safetensors" for i in range(done) if f"payload_{i}.safetensors" in files]
         for name in need:
             path = self.dir / name
             if not path.is_file():
@@ -175,13 +188,18 @@ class Checkpoint:
 
     # ---- committing -----------------------------------------------------------------------
     def commit(self, index: int, block: torch.nn.Module | None, next_inputs: torch.Tensor, *, layers: list[dict],
-               block_report: dict, timings: dict, payload: dict[str, torch.Tensor] | None = None,
+               block_report: dict, timings: dict, payload: dict[str, torch.Tensor] | Path | None = None,
                payload_meta: dict | None = None, dense_inputs: torch.Tensor | None = None) -> None:
-        """``dense_inputs``: the dense model's inputs of block ``index + 1`` (dense-target calibration)."""
+        """``payload``: tensors to keep with the block, or the safetensors file that holds them
+        already (a streamed run's record shard in the output), which is linked here, not copied.
+        ``dense_inputs``: the dense model's inputs of block ``index + 1`` (dense-target calibration)."""
         assert index == self.done, (index, self.done)
         # a block written elsewhere already (a streamed model's output shard) is not copied here
         tensors = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()} if block is not None else {}
-        for k, v in (payload or {}).items():
+        linked = f"payload_{index}.safetensors" if isinstance(payload, Path) else None
+        if linked:
+            _link(payload, self.dir / linked)
+        for k, v in (payload if not linked and payload else {}).items():
             tensors[PAYLOAD + k] = v.detach().cpu().contiguous()
         save_file(tensors, str(self.dir / f"block_{index}.safetensors"))
         state = {"inputs": next_inputs.detach().cpu().contiguous(), "rng": torch.get_rng_state()}
@@ -197,7 +215,7 @@ class Checkpoint:
         self.progress.setdefault("payload_meta", []).append(payload_meta or {})
         files = self.progress.setdefault("files", {})
         files.pop(f"inputs_{index - 1}.safetensors", None)
-        for name in (f"block_{index}.safetensors", f"inputs_{index}.safetensors"):
+        for name in (f"block_{index}.safetensors", f"inputs_{index}.safetensors", *([linked] if linked else [])):
             files[name] = file_digest(self.dir / name)
         self.progress["digest"] = _progress_digest(self.progress)
         _atomic_write(self.dir / PROGRESS, lambda p: p.write_text(json.dumps(self.progress)))
@@ -211,6 +229,8 @@ class Checkpoint:
         here); return its payload."""
         tensors = self._load(self.dir / f"block_{index}.safetensors")
         payload = {k[len(PAYLOAD):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(PAYLOAD)]}
+        if f"payload_{index}.safetensors" in self.progress.get("files", {}):  # linked, not copied
+            payload = self._load(self.dir / f"payload_{index}.safetensors")
         meta = self.progress.get("payload_meta", [{}] * self.done)[index]
         if block is None:
             return payload, meta
