@@ -262,12 +262,23 @@ def test_disk_estimate_bounds_the_peak(wide_llama, text_file, tmp_path, monkeypa
     monkeypatch.setattr(api, "disk_need", lambda *a, **k: seen.setdefault("estimate", need(*a, **k)))
 
     def measured(self):
-        files = {(st.st_dev, st.st_ino): st.st_size for st in (f.stat() for f in self.dir.parent.rglob("*")
-                                                                if f.is_file())}  # a hard link counts once
-        seen["peak"] = sum(files.values())
+        seen["peak"] = api.bytes_on_disk(self.dir.parent)
         remove(self)
     monkeypatch.setattr(Checkpoint, "remove", measured)
     api.compress(str(wide_llama), recipe, tmp_path / "out", calib=str(text_file), nsamples=4, seqlen=32,
                  eval_data=None, progress=False, low_memory=low_memory)
     # ReALLM: counts the fp32 base weight that a rank above 0 would keep (this run chose rank 0)
     assert seen["peak"] <= seen["estimate"] <= (2 if "reallm" in recipe else 1.15) * seen["peak"] + 2**19, seen
+
+
+def test_bytes_on_disk_counts_a_linked_file_once(tmp_path):
+    """What a resumed run holds already (subtracted from its need): the checkpoint's hard link to an
+    output shard is one file on disk, not two."""
+    from slimkit.api import bytes_on_disk
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "shard").write_bytes(b"x" * 1000)
+    (tmp_path / "d" / "other").write_bytes(b"y" * 10)
+    os.link(tmp_path / "d" / "shard", tmp_path / "d" / "link")
+    assert bytes_on_disk(tmp_path / "d") == 1010
+    assert bytes_on_disk(tmp_path / "missing") == 0

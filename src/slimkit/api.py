@@ -201,6 +201,15 @@ def check_positions(config, seqlen: int) -> None:
                            "(max_position_embeddings)")
 
 
+def bytes_on_disk(folder: Path) -> int:
+    """The bytes of the files under ``folder``, a file with several names (hard links: a
+    checkpoint's link to an output shard) counted once; 0 when it does not exist."""
+    if not folder.is_dir():
+        return 0
+    seen = {(st.st_dev, st.st_ino): st.st_size for st in (f.stat() for f in folder.rglob("*") if f.is_file())}
+    return sum(seen.values())
+
+
 def disk_need(model, *, nsamples: int, seqlen: int, placement: Placement, records: int,
               offload_activations: bool, eval_tokens: int | None, blocks=None, paired: bool = False,
               untie: bool = False, location: str | Path | None = None, targets: int = 0) -> int:
@@ -248,7 +257,7 @@ def check_resources(model, *, nsamples: int, seqlen: int, out: Path, placement: 
     disk = disk_need(model, nsamples=nsamples, seqlen=seqlen, placement=placement, records=records,
                      offload_activations=offload_activations, eval_tokens=eval_tokens, blocks=blocks,
                      paired=paired, untie=untie, location=location, targets=targets)
-    disk -= sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if partial and partial.is_dir() else 0
+    disk -= bytes_on_disk(partial) if partial else 0  # what a resumed run holds already
     avail = available_memory()
     size = f"{nsamples} x {seqlen} calibration tokens (hidden size {hidden})"
     if avail is not None and placement.device.type == "cpu" and not offload_activations and acts + ids > avail:
