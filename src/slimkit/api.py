@@ -212,8 +212,8 @@ def bytes_on_disk(folder: Path) -> int:
 
 def disk_need(model, *, nsamples: int, seqlen: int, placement: Placement, records: int,
               offload_activations: bool, eval_tokens: int | None, blocks=None, paired: bool = False,
-              untie: bool = False, location: str | Path | None = None, targets: int = 0) -> int:
-    """At least the bytes a run has on disk at its peak, when the output is written and the
+              untie: bool = False, location: str | Path | None = None, targets: int = 0) -> dict[str, int]:
+    """At least the bytes a run has on disk at its peak, by part, when the output is written and the
     checkpoint not yet removed: the output model (an untied head in it too when a model-level stage
     unties it) and its state records (``records``: ``check_recipe_fits``); the checkpoint, which
     holds every compressed block of a resident model and the records again (a streamed model's
@@ -234,14 +234,15 @@ def disk_need(model, *, nsamples: int, seqlen: int, placement: Placement, record
     if untie:
         params += model.get_input_embeddings().weight.numel()
     checkpoint = 2 * (2 if paired else 1) * nsamples * seqlen * hidden * width
-    if blocks is None:  # streamed: the blocks are in the output's shards, the records linked from its record shards
+    if blocks is None:  # resident: every compressed block and the records (streamed: the output's shards, linked)
         checkpoint += sum(block_params) * storage + records
     weights = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
     beside = sum(f.stat().st_size for f in Path(location).iterdir() if f.is_file() and not f.name.endswith(weights)) \
         if location is not None and Path(location).is_dir() else 16 * 2**20
     report = 2**18 + 2048 * targets  # report.json, report.md, slimkit.json (a record per Linear), two plots
-    return params * storage + records + checkpoint + (3 * nsamples * seqlen * hidden * width if offload_activations
-                                                     else 0) + (eval_tokens or 0) * (hidden + 2) * 8 + beside + report
+    return {"model": params * storage, "state records": records, "checkpoint": checkpoint,
+            "offloaded activations": 3 * nsamples * seqlen * hidden * width if offload_activations else 0,
+            "other files": (eval_tokens or 0) * (hidden + 2) * 8 + beside + report}
 
 
 def check_resources(model, *, nsamples: int, seqlen: int, out: Path, placement: Placement,
@@ -254,10 +255,11 @@ def check_resources(model, *, nsamples: int, seqlen: int, out: Path, placement: 
     width = torch.empty((), dtype=placement.compute).element_size()
     acts = 3 * nsamples * seqlen * hidden * width  # the block's inputs, outputs and one working copy
     ids = nsamples * seqlen * 8
-    disk = disk_need(model, nsamples=nsamples, seqlen=seqlen, placement=placement, records=records,
-                     offload_activations=offload_activations, eval_tokens=eval_tokens, blocks=blocks,
-                     paired=paired, untie=untie, location=location, targets=targets)
-    disk -= bytes_on_disk(partial) if partial else 0  # what a resumed run holds already
+    parts = disk_need(model, nsamples=nsamples, seqlen=seqlen, placement=placement, records=records,
+                      offload_activations=offload_activations, eval_tokens=eval_tokens, blocks=blocks,
+                      paired=paired, untie=untie, location=location, targets=targets)
+    held = bytes_on_disk(partial) if partial else 0  # what a resumed run holds already
+    disk = sum(parts.values()) - held
     avail = available_memory()
     size = f"{nsamples} x {seqlen} calibration tokens (hidden size {hidden})"
     if avail is not None and placement.device.type == "cpu" and not offload_activations and acts + ids > avail:
@@ -268,8 +270,9 @@ def check_resources(model, *, nsamples: int, seqlen: int, out: Path, placement: 
     where = next(p for p in [out, *out.parents] if p.exists())
     free = shutil.disk_usage(where).free
     if disk > free:
-        raise SlimkitError(f"not enough free disk space in {str(where)!r}: this run writes about {_gib(disk)}, "
-                           f"{_gib(free)} is free")
+        what = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items() if v)
+        raise SlimkitError(f"not enough free disk space in {str(where)!r}: this run writes about {_gib(disk)} ({what}"
+                           f"{f'; {_gib(held)} of it written already' if held else ''}), {_gib(free)} is free")
 
 
 def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | torch.Tensor = "shakespeare",
