@@ -71,6 +71,12 @@ def test_low_memory_resume_after_sigkill(four_blocks, text_file, tmp_path):  # n
     for i in range(2):  # and the records in the output's record shard, which the checkpoint links
         shard, linked = tmp_path / ".out.partial" / f"slimkit_state-{i:05d}.safetensors", ckpt / f"payload_{i}.safetensors"
         assert linked.stat().st_ino == shard.stat().st_ino and load_file(str(linked))
+    again = run(four_blocks, "gptq-w4-g64", tmp_path / "out", text_file, "--low-memory", "--resume",
+                env={"SLIMKIT_FAULT_KILL_AFTER_BLOCK": "2"})  # killed again, after one more block
+    assert again.returncode == -signal.SIGKILL
+    for i in range(3):  # the restored blocks' record shards were kept, not written again beside their links
+        shard, linked = tmp_path / ".out.partial" / f"slimkit_state-{i:05d}.safetensors", ckpt / f"payload_{i}.safetensors"
+        assert linked.stat().st_ino == shard.stat().st_ino
     resumed = run(four_blocks, "gptq-w4-g64", tmp_path / "out", text_file, "--low-memory", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_files(tmp_path / "ref", tmp_path / "out")

@@ -246,13 +246,16 @@ def wide_llama(tmp_path_factory):
 
 @pytest.mark.parametrize("recipe,low_memory", [
     ("rtn-w4-g64", False), ("rtn-w4-g64", True), ("sparsegpt-2of4-gptq-w4", True), ("slim", False),
-    ("gptaq-w4-g64", True), ("rotate-gptq-w4-g64", False), ("slim-llm-3bit", False), ("rtn-gguf-q4_k_m", True), ("reallm-2bit", False)])
+    ("gptaq-w4-g64", True), ("rotate-gptq-w4-g64", False), ("slim-llm-3bit", False), ("rtn-gguf-q4_k_m", True),
+    ("reallm-2bit", False), ("slim-ft", False), ("rtn-w4-g64", "no links")])
 def test_disk_estimate_bounds_the_peak(wide_llama, text_file, tmp_path, monkeypatch, recipe, low_memory):
     """The disk check's estimate is at least what the run holds on disk at its peak (the output
     written, the checkpoint not yet removed), and not far above it: a resident model's checkpoint
     holds every compressed block and the state records, a streamed one's neither (its blocks are in
     the output's shards, and it links the output's record shards); the dense model's inputs are checkpointed too under a dense target (gptaq),
-    and a rotation unties the head of a model with tied embeddings. The allowance for the reports
+    and a rotation unties the head of a model with tied embeddings; a fine-tuning recipe checkpoints
+    the base weights of its adapters; where the file system makes no hard links ("no links": os.link
+    fails), the streamed checkpoint copies the record shards and the estimate counts them. The allowance for the reports
     (256 KiB and 2 KiB per Linear) is most of the slack on a model this small."""
     import slimkit.api as api
     from slimkit.calib.checkpoint import Checkpoint
@@ -265,8 +268,12 @@ def test_disk_estimate_bounds_the_peak(wide_llama, text_file, tmp_path, monkeypa
         seen["peak"] = api.bytes_on_disk(self.dir.parent)
         remove(self)
     monkeypatch.setattr(Checkpoint, "remove", measured)
+    if low_memory == "no links":
+        def no_link(*a, **k):
+            raise OSError("no hard links here")
+        monkeypatch.setattr(os, "link", no_link)
     api.compress(str(wide_llama), recipe, tmp_path / "out", calib=str(text_file), nsamples=4, seqlen=32,
-                 eval_data=None, progress=False, low_memory=low_memory)
+                 eval_data=None, progress=False, low_memory=bool(low_memory))
     seen["estimate"] = sum(seen["parts"].values())
     # ReALLM: counts the fp32 base weight that a rank above 0 would keep (this run chose rank 0)
     assert seen["peak"] <= seen["estimate"] <= (2 if "reallm" in recipe else 1.15) * seen["peak"] + 2**19, seen
@@ -283,3 +290,16 @@ def test_bytes_on_disk_counts_a_linked_file_once(tmp_path):
     os.link(tmp_path / "d" / "shard", tmp_path / "d" / "link")
     assert bytes_on_disk(tmp_path / "d") == 1010
     assert bytes_on_disk(tmp_path / "missing") == 0
+
+
+def test_disk_estimate_counts_only_the_files_copied_beside_the_weights():
+    """The tokenizer and configuration files of the model's folder are copied into the output;
+    weights in other formats (TF, Flax, ONNX), their index, a README or an image are not."""
+    from slimkit.api import _copied_beside
+
+    copied = ["tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json", "vocab.txt",
+              "merges.txt", "tokenizer.model", "chat_template.jinja", "special_tokens_map.json"]
+    not_copied = ["tf_model.h5", "flax_model.msgpack", "rust_model.ot", "model.onnx", "model.safetensors",
+                  "model.safetensors.index.json", "pytorch_model.bin", "README.md", "diagram.png", "model.gguf"]
+    assert [n for n in copied if not _copied_beside(n)] == []
+    assert [n for n in not_copied if _copied_beside(n)] == []

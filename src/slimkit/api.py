@@ -210,18 +210,39 @@ def bytes_on_disk(folder: Path) -> int:
     return sum(seen.values())
 
 
+def _copied_beside(name: str) -> bool:
+    """A file of a model folder that the output may get a copy of: the tokenizer's and the
+    configuration (not the weights, in any format, nor a README or an image)."""
+    return name.endswith((".json", ".txt", ".model", ".tiktoken", ".jinja")) and not name.endswith(".index.json")
+
+
+def hard_links_work(where: Path) -> bool:
+    """Whether the file system of the folder ``where`` makes hard links (a --low-memory checkpoint
+    links the output's record shards instead of copying them); tried in a temporary folder."""
+    import tempfile
+    try:
+        with tempfile.TemporaryDirectory(dir=where, prefix=".slimkit-link-") as d:
+            (Path(d) / "a").touch()
+            os.link(Path(d) / "a", Path(d) / "b")
+        return True
+    except OSError:
+        return False
+
+
 def disk_need(model, *, nsamples: int, seqlen: int, placement: Placement, records: int,
               offload_activations: bool, eval_tokens: int | None, blocks=None, paired: bool = False,
-              untie: bool = False, location: str | Path | None = None, targets: int = 0) -> dict[str, int]:
+              untie: bool = False, location: str | Path | None = None, targets: int = 0,
+              finetune: int = 0, links: bool = True) -> dict[str, int]:
     """At least the bytes a run has on disk at its peak, by part, when the output is written and the
     checkpoint not yet removed: the output model (an untied head in it too when a model-level stage
     unties it) and its state records (``records``: ``check_recipe_fits``); the checkpoint, which
     holds every compressed block of a resident model and the records again (a streamed model's
     blocks and records are in the output's shards already: the checkpoint links the record shards,
-    on a file system with hard links), and the inputs of the next block (two files for a moment,
+    on a file system with hard links: ``links``; without, it copies them), the base weights that a
+    fine-tuning recipe keeps for its adapters (``finetune``), and the inputs of the next block (two files for a moment,
     each with the dense model's inputs beside them when ``paired``); offloaded activations; the
-    dense evaluation summary; the files copied beside the weights (the tokenizer: those of the
-    model's folder, or 16 MiB for a single file), the report and its plots. ``blocks``: a streamed
+    dense evaluation summary; the files copied beside the weights (the tokenizer and configuration
+    files of the model's folder, or 16 MiB for a single file), the report and its plots. ``blocks``: a streamed
     model's block source."""
     hidden = model.get_input_embeddings().weight.shape[1]
     storage = torch.empty((), dtype=placement.storage).element_size()
@@ -235,9 +256,10 @@ def disk_need(model, *, nsamples: int, seqlen: int, placement: Placement, record
         params += model.get_input_embeddings().weight.numel()
     checkpoint = 2 * (2 if paired else 1) * nsamples * seqlen * hidden * width
     if blocks is None:  # resident: every compressed block and the records (streamed: the output's shards, linked)
-        checkpoint += sum(block_params) * storage + records
-    weights = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-    beside = sum(f.stat().st_size for f in Path(location).iterdir() if f.is_file() and not f.name.endswith(weights)) \
+        checkpoint += sum(block_params) * storage + records + finetune
+    elif not links:
+        checkpoint += records
+    beside = sum(f.stat().st_size for f in Path(location).iterdir() if f.is_file() and _copied_beside(f.name)) \
         if location is not None and Path(location).is_dir() else 16 * 2**20
     report = 2**18 + 2048 * targets  # report.json, report.md, slimkit.json (a record per Linear), two plots
     return {"model": params * storage, "state records": records, "checkpoint": checkpoint,
@@ -248,16 +270,18 @@ def disk_need(model, *, nsamples: int, seqlen: int, placement: Placement, record
 def check_resources(model, *, nsamples: int, seqlen: int, out: Path, placement: Placement,
                     offload_activations: bool, eval_tokens: int | None, records: int, blocks=None,
                     partial: Path | None = None, paired: bool = False, untie: bool = False,
-                    location: str | Path | None = None, targets: int = 0) -> None:
+                    location: str | Path | None = None, targets: int = 0, finetune: int = 0) -> None:
     """Refuse, before any work, a run that cannot fit: calibration activations against the memory
     available (or, offloaded, against the disk), the output against the free disk space."""
     hidden = model.get_input_embeddings().weight.shape[1]
     width = torch.empty((), dtype=placement.compute).element_size()
     acts = 3 * nsamples * seqlen * hidden * width  # the block's inputs, outputs and one working copy
     ids = nsamples * seqlen * 8
+    where = next(p for p in [out, *out.parents] if p.exists())
     parts = disk_need(model, nsamples=nsamples, seqlen=seqlen, placement=placement, records=records,
                       offload_activations=offload_activations, eval_tokens=eval_tokens, blocks=blocks,
-                      paired=paired, untie=untie, location=location, targets=targets)
+                      paired=paired, untie=untie, location=location, targets=targets, finetune=finetune,
+                      links=blocks is None or hard_links_work(where))
     held = bytes_on_disk(partial) if partial else 0  # what a resumed run holds already
     disk = sum(parts.values()) - held
     avail = available_memory()
@@ -267,7 +291,6 @@ def check_resources(model, *, nsamples: int, seqlen: int, out: Path, placement: 
                            "available: lower --nsamples or --seqlen, or pass --offload-activations")
     if avail is not None and ids > avail:
         raise SlimkitError(f"{size} need {_gib(ids)} for the token ids alone; {_gib(avail)} of memory is available")
-    where = next(p for p in [out, *out.parents] if p.exists())
     free = shutil.disk_usage(where).free
     if disk > free:
         what = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items() if v)
@@ -352,7 +375,8 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
                     offload_activations=offload_activations, eval_tokens=eval_tokens if eval_data else None,
                     records=fit.record_bytes, blocks=source if streamed is not None else None,
                     partial=partial if resume else None, paired=DENSE_CROSS in rec.needs,
-                    untie=bool(rec.model_stages) and bool(tied), location=location, targets=fit.targets)
+                    untie=bool(rec.model_stages) and bool(tied), location=location, targets=fit.targets,
+                    finetune=fit.finetune_bytes)
     if given_ids is not None:
         vocab = m.get_input_embeddings().weight.shape[0]
         if int(given_ids.max()) >= vocab or int(given_ids.min()) < 0:
@@ -507,8 +531,8 @@ class _Records:
                                    "L": tensors[f"{name}.L"], "R": tensors[f"{name}.R"]} | a
         self.state.add(tensors, meta["layers"])
         self.state.take_new()
-        if self.spill:
-            self.state.spill(self.directory, index, tensors)
+        if self.spill:  # its shard is there already, linked from the checkpoint: kept, not written again
+            self.state.spill(self.directory, index, tensors, keep=True)
 
 
 def dense_reference_for(dense_spec: str, windows: torch.Tensor, *, resident=None, reference_cache: str | None = None,

@@ -185,8 +185,8 @@ class Recipe:
         """The stages that run on every Linear (model-level stages such as rotate run before)."""
         return [s for s in self.stages if not s.model_level]
 
-    def record_bytes(self, name: str, out_features: int, in_features: int, position=None) -> int:
-        """At least the bytes of this Linear's state record: each tensor the largest that a stage
+    def record_parts(self, name: str, out_features: int, in_features: int, position=None) -> dict[str, int]:
+        """At least the bytes of each tensor of this Linear's state record: the largest that a stage
         declares (a later stage replaces an earlier one's), without the unquantized base weight when
         a stage put the base on a uniform grid (its codes are recorded instead)."""
         parts: dict[str, int] = {}
@@ -195,7 +195,10 @@ class Recipe:
                 parts[key] = max(parts.get(key, 0), n)
         if "codes" in parts:
             parts.pop("weight", None)
-        return sum(parts.values())
+        return parts
+
+    def record_bytes(self, name: str, out_features: int, in_features: int, position=None) -> int:
+        return sum(self.record_parts(name, out_features, in_features, position).values())
 
     @property
     def model_stages(self) -> list[Stage]:

@@ -68,6 +68,17 @@ def save_sorted(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _holds(path: Path, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether the safetensors file ``path`` holds exactly ``tensors`` (names, dtypes, values)."""
+    try:
+        there = load_file(str(path))
+    except Exception:  # missing, truncated: not what it should be
+        return False
+    return there.keys() == tensors.keys() and all(
+        there[k].dtype == v.dtype and there[k].shape == v.shape and torch.equal(there[k], v.cpu())
+        for k, v in tensors.items())
+
+
 class StateRecorder:
     """An ``on_layer`` callback for the engine that keeps every layer's record."""
 
@@ -77,11 +88,14 @@ class StateRecorder:
         self._new: list[str] = []
         self.shards: dict[str, str] = {}  # tensor -> shard file, for records already written out
 
-    def spill(self, directory: Path, index: int, tensors: dict[str, torch.Tensor]) -> Path:
+    def spill(self, directory: Path, index: int, tensors: dict[str, torch.Tensor], keep: bool = False) -> Path:
         """Write one block's records to their own shard and drop them from memory (models larger
-        than RAM); ``save`` then writes an index of the shards. Returns the shard's path."""
+        than RAM); ``save`` then writes an index of the shards. Returns the shard's path. ``keep``:
+        a shard there that holds exactly these tensors is left as it is (a resumed run's restored
+        block: the checkpoint may hold a hard link to it, which a rewrite would double)."""
         name = f"slimkit_state-{index:05d}.safetensors"
-        save_sorted(tensors, Path(directory) / name)
+        if not (keep and _holds(Path(directory) / name, tensors)):
+            save_sorted(tensors, Path(directory) / name)
         for k in tensors:
             self.tensors.pop(k, None)
             self.shards[k] = name

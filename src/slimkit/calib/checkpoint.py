@@ -3,7 +3,10 @@
 After block ``i`` is compressed the engine commits, inside ``<dir>``:
 
 - ``block_<i>.safetensors``: the compressed block's parameters, plus the caller's payload for
-  that block (e.g. the grids and masks that ``slimkit_state.safetensors`` will hold);
+  that block (e.g. the grids and masks that ``slimkit_state.safetensors`` will hold); a streamed
+  model's block is in the output's shard already and is not copied, and a payload that is a file
+  already (the output's record shard) is ``payload_<i>.safetensors``, a hard link to it (a copy
+  where the file system has no links), digest-checked on resume like the others;
 - ``inputs_<i>.safetensors``: the inputs of block ``i + 1`` (the outputs of the compressed
   block ``i``) and the torch RNG state;
 - ``progress.json``: the commit point, written last by an atomic rename: the number of finished

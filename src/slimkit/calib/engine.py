@@ -135,13 +135,19 @@ MIN_EXPERT_TOKENS = 32  # an expert routed fewer calibration tokens is compresse
 class RecipeFit:
     targets: int  # the Linears the recipe compresses
     record_bytes: int  # at least the bytes of their state records (the disk check counts them)
+    finetune_bytes: int = 0  # the fp32 base weights a fine-tuning recipe checkpoints beside them
 
 
 def check_recipe_fits(source, recipe: Recipe, n_gqa: int = 1) -> RecipeFit:
     """Fail before any work if a stage cannot handle some layer of the block ``source``
     (ResidentBlocks or StreamedModel), fused experts included (one Linear triple per expert).
-    Returns the number of targets and the size of their state records."""
-    count = records = 0
+    Returns the number of targets and the size of their state records (an expert may get the
+    data-free grid instead: the larger of the two counts) and of the base weights that a recipe
+    with a ``finetune:`` section checkpoints for the adapters it trains (when the record does
+    not hold the base already)."""
+    count = records = finetune = 0
+    fallback = data_free_stages(recipe)
+    free = Recipe("data-free", fallback) if fallback else None
     for i in range(len(source)):
         block = source.peek(i)
         shapes = {name: (lin.out_features, lin.in_features)
@@ -159,9 +165,12 @@ def check_recipe_fits(source, recipe: Recipe, n_gqa: int = 1) -> RecipeFit:
         for name, (out_f, in_f) in shapes.items():
             for stage in recipe.layer_stages:
                 stage.check_layer(name, out_f, in_f)
-            records += recipe.record_bytes(name, out_f, in_f, position)
+            parts = recipe.record_parts(name, out_f, in_f, position)
+            records += max(sum(parts.values()), free.record_bytes(name, out_f, in_f, position) if free else 0)
+            if recipe.finetune is not None and "L" in parts and "weight" not in parts:
+                finetune += 4 * out_f * in_f
             count += 1
-    return RecipeFit(count, records)
+    return RecipeFit(count, records, finetune)
 
 
 def data_free_stages(recipe: Recipe) -> list[Stage]:
