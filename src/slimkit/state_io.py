@@ -10,12 +10,12 @@ other format from these two files.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .calib.checkpoint import atomic_write
 from .errors import SlimkitError, first_line
 from .methods.base import LinearState
 from .ops.quant import quantize_matrix
@@ -62,10 +62,9 @@ def save_sorted(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Sorted, with ONE metadata key (safetensors writes metadata in hash order): the file's bytes
     depend only on its content, not on the order of recording (resume) or the process. The file is
     written beside and renamed into place: a checkpoint may hold a hard link to the one it replaces
-    (a resumed streamed run writes its restored records again), which must keep its content."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: tensors[k].contiguous() for k in sorted(tensors)}, str(tmp), metadata={"format": "slimkit-state/1"})
-    os.replace(tmp, path)
+    (a resumed streamed run may write a restored block's records again), which must keep its content."""
+    atomic_write(path, lambda tmp: save_file({k: tensors[k].contiguous() for k in sorted(tensors)}, str(tmp),
+                                             metadata={"format": "slimkit-state/1"}))
 
 
 def _holds(path: Path, tensors: dict[str, torch.Tensor]) -> bool:

@@ -102,7 +102,9 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` a file beside ``path``, then rename it into place: ``path`` is never half
+    written, and a hard link to the file it replaces keeps the old content."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -145,7 +147,7 @@ class Checkpoint:
         self.dir.mkdir(parents=True, exist_ok=True)
         for f in self.dir.iterdir():
             f.unlink()
-        _atomic_write(self.dir / FINGERPRINT, lambda p: p.write_text(json.dumps(self.fingerprint, indent=1)))
+        atomic_write(self.dir / FINGERPRINT, lambda p: p.write_text(json.dumps(self.fingerprint, indent=1)))
         self.opened = True
         return 0
 
@@ -221,7 +223,7 @@ class Checkpoint:
         for name in (f"block_{index}.safetensors", f"inputs_{index}.safetensors", *([linked] if linked else [])):
             files[name] = file_digest(self.dir / name)
         self.progress["digest"] = _progress_digest(self.progress)
-        _atomic_write(self.dir / PROGRESS, lambda p: p.write_text(json.dumps(self.progress)))
+        atomic_write(self.dir / PROGRESS, lambda p: p.write_text(json.dumps(self.progress)))
         stale = self.dir / f"inputs_{index - 1}.safetensors"  # superseded by the commit above
         if stale.exists():
             stale.unlink()
