@@ -17,7 +17,7 @@ from . import __version__, dist
 from .calib import compress_model
 from .calib.checkpoint import Checkpoint, files_digest, tensor_digest
 from .calib.device import Placement, peak_device_memory_mb, resolve_dtype
-from .calib.engine import check_recipe_fits
+from .calib.engine import RecipeFit, check_recipe_fits
 from .methods.base import DENSE_CROSS, model_gqa
 from .data import calibration_ids, evaluation_ids
 from .data.sources import available_memory
@@ -229,17 +229,16 @@ def hard_links_work(where: Path) -> bool:
         return False
 
 
-def disk_need(model, *, nsamples: int, seqlen: int, placement: Placement, records: int,
+def disk_need(model, *, nsamples: int, seqlen: int, placement: Placement, fit: RecipeFit,
               offload_activations: bool, eval_tokens: int | None, blocks=None, paired: bool = False,
-              untie: bool = False, location: str | Path | None = None, targets: int = 0,
-              finetune: int = 0, links: bool = True) -> dict[str, int]:
+              untie: bool = False, location: str | Path | None = None, links: bool = True) -> dict[str, int]:
     """At least the bytes a run has on disk at its peak, by part, when the output is written and the
     checkpoint not yet removed: the output model (an untied head in it too when a model-level stage
-    unties it) and its state records (``records``: ``check_recipe_fits``); the checkpoint, which
+    unties it) and its state records (``fit``: ``check_recipe_fits``); the checkpoint, which
     holds every compressed block of a resident model and the records again (a streamed model's
     blocks and records are in the output's shards already: the checkpoint links the record shards,
     on a file system with hard links: ``links``; without, it copies them), the base weights that a
-    fine-tuning recipe keeps for its adapters (``finetune``), and the inputs of the next block (two files for a moment,
+    fine-tuning recipe keeps for its adapters, and the inputs of the next block (two files for a moment,
     each with the dense model's inputs beside them when ``paired``); offloaded activations; the
     dense evaluation summary; the files copied beside the weights (the tokenizer and configuration
     files of the model's folder, or 16 MiB for a single file), the report and its plots. ``blocks``: a streamed
@@ -256,21 +255,21 @@ def disk_need(model, *, nsamples: int, seqlen: int, placement: Placement, record
         params += model.get_input_embeddings().weight.numel()
     checkpoint = 2 * (2 if paired else 1) * nsamples * seqlen * hidden * width
     if blocks is None:  # resident: every compressed block and the records (streamed: the output's shards, linked)
-        checkpoint += sum(block_params) * storage + records + finetune
+        checkpoint += sum(block_params) * storage + fit.record_bytes + fit.finetune_bytes
     elif not links:
-        checkpoint += records
+        checkpoint += fit.record_bytes
     beside = sum(f.stat().st_size for f in Path(location).iterdir() if f.is_file() and _copied_beside(f.name)) \
         if location is not None and Path(location).is_dir() else 16 * 2**20
-    report = 2**18 + 2048 * targets  # report.json, report.md, slimkit.json (a record per Linear), two plots
-    return {"model": params * storage, "state records": records, "checkpoint": checkpoint,
+    report = 2**18 + 2048 * fit.targets  # report.json, report.md, slimkit.json (a record per Linear), two plots
+    return {"model": params * storage, "state records": fit.record_bytes, "checkpoint": checkpoint,
             "offloaded activations": 3 * nsamples * seqlen * hidden * width if offload_activations else 0,
             "other files": (eval_tokens or 0) * (hidden + 2) * 8 + beside + report}
 
 
 def check_resources(model, *, nsamples: int, seqlen: int, out: Path, placement: Placement,
-                    offload_activations: bool, eval_tokens: int | None, records: int, blocks=None,
+                    offload_activations: bool, eval_tokens: int | None, fit: RecipeFit, blocks=None,
                     partial: Path | None = None, paired: bool = False, untie: bool = False,
-                    location: str | Path | None = None, targets: int = 0, finetune: int = 0) -> None:
+                    location: str | Path | None = None) -> None:
     """Refuse, before any work, a run that cannot fit: calibration activations against the memory
     available (or, offloaded, against the disk), the output against the free disk space."""
     hidden = model.get_input_embeddings().weight.shape[1]
@@ -278,10 +277,9 @@ def check_resources(model, *, nsamples: int, seqlen: int, out: Path, placement: 
     acts = 3 * nsamples * seqlen * hidden * width  # the block's inputs, outputs and one working copy
     ids = nsamples * seqlen * 8
     where = next(p for p in [out, *out.parents] if p.exists())
-    parts = disk_need(model, nsamples=nsamples, seqlen=seqlen, placement=placement, records=records,
+    parts = disk_need(model, nsamples=nsamples, seqlen=seqlen, placement=placement, fit=fit,
                       offload_activations=offload_activations, eval_tokens=eval_tokens, blocks=blocks,
-                      paired=paired, untie=untie, location=location, targets=targets, finetune=finetune,
-                      links=blocks is None or hard_links_work(where))
+                      paired=paired, untie=untie, location=location, links=blocks is None or hard_links_work(where))
     held = bytes_on_disk(partial) if partial else 0  # what a resumed run holds already
     disk = sum(parts.values()) - held
     avail = available_memory()
@@ -373,10 +371,9 @@ def compress(model: str, recipe: str | Recipe, out: str | Path, *, calib: str | 
     tied = getattr(m.config.get_text_config(), "tie_word_embeddings", False)
     check_resources(m, nsamples=nsamples, seqlen=seqlen, out=out_path, placement=placement,
                     offload_activations=offload_activations, eval_tokens=eval_tokens if eval_data else None,
-                    records=fit.record_bytes, blocks=source if streamed is not None else None,
+                    fit=fit, blocks=source if streamed is not None else None,
                     partial=partial if resume else None, paired=DENSE_CROSS in rec.needs,
-                    untie=bool(rec.model_stages) and bool(tied), location=location, targets=fit.targets,
-                    finetune=fit.finetune_bytes)
+                    untie=bool(rec.model_stages) and bool(tied), location=location)
     if given_ids is not None:
         vocab = m.get_input_embeddings().weight.shape[0]
         if int(given_ids.max()) >= vocab or int(given_ids.min()) < 0:
